@@ -1,0 +1,1 @@
+"""flare22 appliance."""

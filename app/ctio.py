@@ -1,0 +1,317 @@
+"""CT and label I/O with exact geometry.
+
+I/O contract
+------------
+``read_ct(path)`` returns ``(array, props)``:
+
+* ``array`` is a numpy array in the project's one **canonical axial orientation**, axis
+  order ``(z, y, x)``: ``x`` increases toward the patient's Left, ``y`` toward Posterior,
+  ``z`` toward Superior. This is ITK's identity direction ("LPS"), so an axial slice
+  ``array[z]`` shows the patient in the radiological convention (anterior at the top,
+  the patient's right on the image's left). Slices are never resampled: the canonical
+  array is the file's voxels permuted and flipped, nothing more.
+* ``props`` (:class:`CTProperties`) records the file's own grid (size, spacing, origin,
+  direction, pixel type) and the permutation and flips that map it to the canonical
+  array, plus the canonical spacing ``spacing_zyx`` in mm.
+
+``write_labels(labels, props, out_path)`` undoes the permutation and flips and writes a
+uint8 image whose size, spacing, origin and direction equal the input's exactly (checked;
+a mismatch raises :class:`GeometryError`). It writes to a temporary name in the output
+folder and renames it into place, so no reader ever sees half a file.
+
+Oblique direction matrices are processed with the nearest axis-aligned permutation
+(the one maximising the summed |cosines|) and the original direction is restored exactly
+on write: the grid of the output is the grid of the input, voxel for voxel.
+
+Non-finite voxels (NaN, +-inf) in float images are replaced by -1024 HU (air) and counted
+in ``props.nonfinite``; a volume where more than half the voxels are non-finite is
+rejected as unusable.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import GeometryError, InputError
+
+AIR_HU = -1024.0
+CT_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
+@dataclass(frozen=True)
+class CTProperties:
+    """What is needed to map a canonical array back onto the file's own grid."""
+
+    path: str
+    size: tuple[int, int, int]  # ITK order (i, j, k)
+    spacing: tuple[float, float, float]  # ITK order
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 values, row-major, as ITK gives them
+    pixel_type: str
+    # canonical numpy axis a (0=z, 1=y, 2=x) comes from file numpy axis src_axes[a]
+    src_axes: tuple[int, int, int]
+    flips: tuple[bool, bool, bool]  # flip canonical axis a after the transpose
+    oblique: bool = False
+    nonfinite: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        file_shape = self.size[::-1]
+        return tuple(int(file_shape[a]) for a in self.src_axes)  # type: ignore[return-value]
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        file_spacing = self.spacing[::-1]
+        return tuple(float(file_spacing[a]) for a in self.src_axes)  # type: ignore[return-value]
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["shape_zyx"] = list(self.shape_zyx)
+        d["spacing_zyx"] = list(self.spacing_zyx)
+        return d
+
+
+def nearest_axis_permutation(direction: np.ndarray) -> tuple[list[int], list[int], bool]:
+    """For a 3x3 direction (columns = world direction of each index axis), return
+    ``world_of_index`` (world axis each index axis runs along), the sign of each, and
+    whether the matrix is oblique (not a signed permutation)."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    best, best_score = None, -1.0
+    for perm in itertools.permutations(range(3)):
+        score = sum(abs(d[perm[i], i]) for i in range(3))
+        if score > best_score + 1e-12:
+            best, best_score = perm, score
+    assert best is not None
+    world_of_index = list(best)
+    signs = [1 if d[world_of_index[i], i] >= 0 else -1 for i in range(3)]
+    oblique = not np.allclose(np.abs(d), np.abs(np.round(d)), atol=1e-6) or not all(
+        abs(abs(d[world_of_index[i], i]) - 1.0) < 1e-6 for i in range(3)
+    )
+    return world_of_index, signs, oblique
+
+
+def _canonical_mapping(direction) -> tuple[tuple[int, int, int], tuple[bool, bool, bool], bool]:
+    world_of_index, signs, oblique = nearest_axis_permutation(direction)
+    index_of_world = {w: i for i, w in enumerate(world_of_index)}
+    src_axes, flips = [], []
+    for a in range(3):  # canonical numpy axis a <-> world axis 2 - a (z, y, x)
+        i = index_of_world[2 - a]  # ITK index axis that runs along this world axis
+        src_axes.append(2 - i)  # numpy axis of the file array
+        flips.append(signs[i] < 0)
+    return tuple(src_axes), tuple(flips), oblique  # type: ignore[return-value]
+
+
+def to_canonical(array: np.ndarray, props: CTProperties) -> np.ndarray:
+    out = np.transpose(array, props.src_axes)
+    for a, f in enumerate(props.flips):
+        if f:
+            out = np.flip(out, axis=a)
+    return np.ascontiguousarray(out)
+
+
+def from_canonical(array: np.ndarray, props: CTProperties) -> np.ndarray:
+    out = array
+    for a, f in enumerate(props.flips):
+        if f:
+            out = np.flip(out, axis=a)
+    inverse = np.argsort(props.src_axes)
+    return np.ascontiguousarray(np.transpose(out, inverse))
+
+
+def _read_image(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise InputError(path, "file does not exist")
+    if path.is_dir():
+        raise InputError(path, "is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "file is empty")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((ln for ln in first if "ERROR" in ln or "Exception" in ln or "not" in ln), "")
+        raise InputError(path, f"unreadable or truncated image ({detail.strip()[:160] or 'ITK read error'})") from None
+
+
+def _check_image(path: Path, img: sitk.Image) -> None:
+    dim = img.GetDimension()
+    if dim == 2:
+        raise InputError(path, "is a 2D image; a 3D CT volume is required")
+    if dim != 3:
+        raise InputError(path, f"is a {dim}D image; a 3D CT volume is required")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(path, f"has {img.GetNumberOfComponentsPerPixel()} components per voxel; a scalar CT is required")
+    if any(s == 0 for s in img.GetSize()):
+        raise InputError(path, f"has a zero-size axis {img.GetSize()}")
+    if any((not np.isfinite(s)) or s <= 0 for s in img.GetSpacing()):
+        raise InputError(path, f"has invalid spacing {img.GetSpacing()}")
+
+
+def _check_complete(path: Path, img: sitk.Image) -> None:
+    """ITK reads a truncated ``.nii.gz`` without complaint (the missing voxels come back as
+    zeros). The gzip trailer holds the uncompressed size mod 2**32: compare it with the
+    header's voxel offset plus the voxel bytes the image needs."""
+    if not path.name.endswith(".nii.gz"):
+        return
+    import gzip
+    import struct
+
+    with open(path, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", f.read(4))[0]
+    with gzip.open(path, "rb") as g:
+        header = g.read(352)
+    if len(header) < 352:
+        raise InputError(path, "truncated NIfTI header")
+    sizeof_hdr = struct.unpack("<i", header[:4])[0]
+    if sizeof_hdr == 348:
+        vox_offset = int(struct.unpack("<f", header[108:112])[0])
+    elif struct.unpack(">i", header[:4])[0] == 348:
+        vox_offset = int(struct.unpack(">f", header[108:112])[0])
+    else:  # NIfTI-2 or something ITK understood on its own terms: nothing to compare
+        return
+    nbytes = img.GetNumberOfPixels() * img.GetNumberOfComponentsPerPixel() * img.GetSizeOfPixelComponent()
+    if (vox_offset + nbytes) % 2**32 != isize:
+        raise InputError(path, "unreadable or truncated image (gzip stream shorter than the header says)")
+
+
+def read_ct(path: str | os.PathLike, *, label: bool = False) -> tuple[np.ndarray, CTProperties]:
+    """Read a 3D CT (or, with ``label=True``, a label map) into the canonical orientation."""
+    path = Path(path)
+    img = _read_image(path)
+    _check_image(path, img)
+    src_axes, flips, oblique = _canonical_mapping(img.GetDirection())
+    _check_complete(path, img)
+    array = sitk.GetArrayFromImage(img)
+    nonfinite = 0
+    if label:
+        if np.issubdtype(array.dtype, np.floating):
+            if not np.all(np.isfinite(array)):
+                raise InputError(path, "label map has non-finite values")
+            if not np.all(array == np.round(array)):
+                raise InputError(path, "label map has non-integer values")
+        lo, hi = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise InputError(path, f"label values {lo}..{hi} do not fit the FLARE22 range 0..13")
+        array = array.astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        nonfinite = int(array.size - np.count_nonzero(finite))
+        if nonfinite:
+            if nonfinite * 2 > array.size:
+                raise InputError(path, f"{nonfinite} of {array.size} voxels are NaN or infinite")
+            array = np.where(finite, array, AIR_HU).astype(np.float32)
+        else:
+            array = array.astype(np.float32, copy=False)
+    props = CTProperties(
+        path=str(path),
+        size=tuple(int(s) for s in img.GetSize()),
+        spacing=tuple(float(s) for s in img.GetSpacing()),
+        origin=tuple(float(s) for s in img.GetOrigin()),
+        direction=tuple(float(s) for s in img.GetDirection()),
+        pixel_type=img.GetPixelIDTypeAsString(),
+        src_axes=src_axes,
+        flips=flips,
+        oblique=oblique,
+        nonfinite=nonfinite,
+    )
+    return to_canonical(np.asarray(array), props), props
+
+
+def read_label_like(path: str | os.PathLike, ref: CTProperties) -> np.ndarray:
+    """Read a label map that must lie on the grid of the CT described by ``ref``."""
+    labels, props = read_label(path)
+    check_same_grid(props, ref, what=f"label {path}")
+    return labels
+
+
+def read_label(path: str | os.PathLike) -> tuple[np.ndarray, CTProperties]:
+    return read_ct(path, label=True)
+
+
+def check_same_grid(a: CTProperties, b: CTProperties, *, what: str, tol: float = 1e-4) -> None:
+    """Raise GeometryError unless two files share size, spacing, origin and direction."""
+    problems = []
+    if a.size != b.size:
+        problems.append(f"size {a.size} != {b.size}")
+    for name in ("spacing", "origin", "direction"):
+        va, vb = np.asarray(getattr(a, name)), np.asarray(getattr(b, name))
+        if not np.allclose(va, vb, atol=tol, rtol=0):
+            problems.append(f"{name} {tuple(np.round(va, 4))} != {tuple(np.round(vb, 4))}")
+    if problems:
+        raise GeometryError(f"{what} is not on the grid of {b.path}: " + "; ".join(problems))
+
+
+def labels_to_image(labels: np.ndarray, props: CTProperties) -> sitk.Image:
+    labels = np.asarray(labels)
+    if labels.shape != props.shape_zyx:
+        raise GeometryError(
+            f"prediction for {props.path} has shape {labels.shape}, expected {props.shape_zyx} (z, y, x)"
+        )
+    if labels.dtype != np.uint8:
+        if labels.size and (labels.min() < 0 or labels.max() > 255):
+            raise GeometryError(f"prediction for {props.path} has labels outside 0..255")
+        labels = labels.astype(np.uint8)
+    img = sitk.GetImageFromArray(from_canonical(labels, props))
+    img.SetSpacing(props.spacing)
+    img.SetOrigin(props.origin)
+    img.SetDirection(props.direction)
+    if tuple(img.GetSize()) != tuple(props.size):
+        raise GeometryError(f"{props.path}: output size {img.GetSize()} != input size {props.size}")
+    return img
+
+
+def atomic_write_image(img: sitk.Image, out_path: str | os.PathLike, *, compress: bool = True) -> Path:
+    """Write an image to a temporary name beside ``out_path`` and rename it into place."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(out_path.suffixes[-2:]) if out_path.name.endswith(".nii.gz") else out_path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=f".part{suffix}", dir=out_path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(img, tmp, useCompression=compress)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out_path
+
+
+def write_labels(labels: np.ndarray, props: CTProperties, out_path: str | os.PathLike) -> Path:
+    """Write a canonical (z, y, x) label array onto exactly the input's grid, atomically."""
+    img = labels_to_image(labels, props)
+    for name, want in (("spacing", props.spacing), ("origin", props.origin), ("direction", props.direction)):
+        got = getattr(img, f"Get{name.capitalize()}")()
+        if tuple(got) != tuple(want):
+            raise GeometryError(f"{props.path}: output {name} {got} != input {want}")
+    return atomic_write_image(img, out_path)
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """``FLARETs_0001_0000.nii.gz`` -> ``FLARETs_0001``."""
+    name = Path(path).name
+    for suffix in CT_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name[:-5] if name.endswith("_0000") else name
+
+
+def list_cases(folder: str | os.PathLike) -> list[Path]:
+    """Every ``*_0000`` CT in a folder (``.nii.gz``, ``.nii``, ``.mha``), sorted."""
+    folder = Path(folder)
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if any(p.name.endswith("_0000" + s) for s in (".nii.gz", ".nii", ".mha")):
+            found.append(p)
+    return found

@@ -1,0 +1,53 @@
+"""Separable linear resizing of slice stacks by two small matrix products.
+
+Same sampling as ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False,
+antialias=False)``: output pixel centres mapped to input coordinates by half-pixel
+offsets, edge values clamped. Used to bring slices to the bundle's input size and
+probabilities back to the native in-plane size, one chunk of slices at a time.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+
+@lru_cache(maxsize=64)
+def linear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 matrix R such that R @ v resizes a length-n_in signal."""
+    if n_in == n_out:
+        return np.eye(n_in, dtype=np.float32)
+    scale = n_in / n_out
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.clip(src, 0, n_in - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, i0), 1 - frac)
+    np.add.at(m, (rows, i1), frac)
+    return m.astype(np.float32)
+
+
+def resize_stack(x: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Resize the last two axes of ``x`` (..., H, W) to ``out_hw`` bilinearly."""
+    h, w = x.shape[-2:]
+    oh, ow = out_hw
+    if (h, w) == (oh, ow):
+        return x
+    x = x.astype(np.float32, copy=False)
+    ry = linear_matrix(h, oh)
+    rx = linear_matrix(w, ow)
+    return np.matmul(np.matmul(ry, x), rx.T)
+
+
+def resize_labels_nearest(labels: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of the last two axes (for training targets)."""
+    h, w = labels.shape[-2:]
+    oh, ow = out_hw
+    if (h, w) == (oh, ow):
+        return labels
+    yi = np.minimum(((np.arange(oh) + 0.5) * h / oh).astype(np.int64), h - 1)
+    xi = np.minimum(((np.arange(ow) + 0.5) * w / ow).astype(np.int64), w - 1)
+    return labels[..., yi[:, None], xi[None, :]]
