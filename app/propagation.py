@@ -1,0 +1,445 @@
+"""The propagation engine: bidirectional STCN mask propagation through a CT volume.
+
+Written once, here, against a small interface of stage functions (:class:`StageBackend`):
+training validation runs it with the torch network behind that interface, the appliance
+with exported ONNX graphs, the annotation assist with either. The memory read (affinity,
+top-k, softmax, weighted sum) is done natively in numpy by :func:`read_memory`.
+
+Schedule (REFERENCE section 5, with the cost changes listed below)
+------------------------------------------------------------------
+Reference slices r_0 < ... < r_m carry multi-organ masks. Ranges: r_0 -> 0 (backward),
+r_i -> r_{i+1} (forward) and r_{i+1} -> r_i (backward) for every pair, r_m -> N-1
+(forward). Each pass starts with the reference frame in memory (never evicted), adds a
+memory frame every ``mem_every`` slices, keeps the last frame as a temporary slot, and caps
+memory at ``max_memory`` frames by evicting the oldest non-reference frame.
+
+Per organ and slice the passes that carried the organ vote: the organ's probability is the
+mean of those passes' probabilities (a pass that never had the organ in memory casts no
+vote; one that lost it votes 0). Background = prod(1 - p_o), then argmax. Reference slices
+keep their reference masks.
+
+What makes it cheap (each a switch of :class:`PropagationConfig`, so the benchmark can show
+what each buys):
+
+* ``skip_absent``: an organ absent from a range's reference is not decoded on that range.
+* ``early_stop``: a pass stops decoding an organ once its mask has vanished for
+  ``patience`` slices (organs span a fraction of the volume's length; the pass votes 0
+  for it from there on).
+* ``crop``: each organ is read out, decoded and value-encoded only inside a window around
+  its last mask (on the 1/16 feature grid, ``margin`` cells around the mask's bounding box),
+  so a small organ costs a fraction of a full-frame decode.
+* Key features of a slice are computed once per range and shared by both directions; the
+  decoder's skip convolutions on f8 / f4 are computed once per slice, not once per organ,
+  and only for slices that some organ is decoded on; slices no organ reaches are never
+  key-encoded at all.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .resize import resize_stack
+
+
+class StageBackend(Protocol):
+    """The four STCN stages, numpy in and out (float32). ``stride`` is the key grid's stride."""
+
+    stride: int
+
+    def encode_key(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """(B,3,H,W) -> {key (B,Ck,h,w), qv (B,Cv,h,w), f16 (B,C16,h,w), f8, f4}."""
+
+    def skip_features(self, f8: np.ndarray, f4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(1,C,2h,2w), (1,C',4h,4w) -> decoder skip features s8, s4 of the same grids."""
+
+    def encode_value(self, image: np.ndarray, f16: np.ndarray, masks: np.ndarray, others: np.ndarray) -> np.ndarray:
+        """(1,3,Hc,Wc), (1,C16,hc,wc), (O,Hc,Wc), (O,Hc,Wc) -> values (O,Cv,hc,wc)."""
+
+    def decode(self, readout: np.ndarray, qv: np.ndarray, s8: np.ndarray, s4: np.ndarray) -> np.ndarray:
+        """(O,Cv,hc,wc), (1,Cv,hc,wc), (1,C8,2hc,2wc), (1,C4,4hc,4wc) -> logits (O,1,Hc,Wc)."""
+
+
+@dataclass
+class PropagationConfig:
+    top_k: int = 20
+    mem_every: int = 5
+    max_memory: int = 200  # frames per organ and pass, the reference included
+    temp_slot: bool = True
+    skip_absent: bool = True
+    early_stop: bool = True
+    patience: int = 2
+    min_pixels: int = 4  # at model resolution: fewer pixels above 0.5 counts as vanished
+    crop: bool = True
+    margin: int = 2  # cells of the key grid around the mask's bounding box
+    min_cells: int = 4  # smallest window side, in cells
+    key_batch: int = 8
+
+    @classmethod
+    def published(cls, **kw) -> "PropagationConfig":
+        """The authors' propagation: every organ, every slice, full frame, both directions."""
+        return cls(skip_absent=False, early_stop=False, crop=False, **kw)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def read_memory(mem_keys: np.ndarray, mem_values: np.ndarray, query_key: np.ndarray, top_k: int) -> np.ndarray:
+    """STCN memory read.
+
+    mem_keys (Ck, M), mem_values (O, Cv, M), query_key (Ck, P) -> readout (O, Cv, P).
+    Affinity = (2 k_m . k_q - |k_m|^2) / sqrt(Ck) (negative squared distance; the |k_q|^2
+    term cancels in the softmax), top-k over the memory axis, softmax over those k.
+    """
+    ck, m = mem_keys.shape
+    a = 2.0 * (mem_keys.T @ query_key) - np.einsum("cm,cm->m", mem_keys, mem_keys)[:, None]
+    a *= 1.0 / math.sqrt(ck)  # (M, P)
+    k = min(top_k, m)
+    if k < m:
+        idx = np.argpartition(-a, k - 1, axis=0)[:k]  # (k, P)
+        top = np.take_along_axis(a, idx, axis=0)
+    else:
+        idx, top = None, a
+    top = top - top.max(axis=0, keepdims=True)
+    w = np.exp(top)
+    w /= w.sum(axis=0, keepdims=True)  # (k, P)
+    if idx is None:
+        return np.einsum("ocm,mp->ocp", mem_values, w)
+    gathered = mem_values[:, :, idx]  # (O, Cv, k, P)
+    return np.einsum("ockp,kp->ocp", gathered, w)
+
+
+def aggregate(probs: np.ndarray) -> np.ndarray:
+    """Soft aggregation: (O, H, W) organ probabilities -> (O+1, H, W) normalised, background first."""
+    p = np.clip(probs, 1e-7, 1 - 1e-7)
+    bg = np.prod(1 - p, axis=0, keepdims=True)
+    stacked = np.concatenate([bg, p], axis=0)
+    logits = np.log(stacked / (1 - stacked))
+    logits -= logits.max(axis=0, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=0, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+
+
+Window = tuple[int, int, int, int]  # y0, y1, x0, x1 in key-grid cells
+
+
+@dataclass
+class _Frame:
+    keys: np.ndarray  # (Ck, n)
+    values: np.ndarray  # (Cv, n)
+    is_ref: bool
+
+
+@dataclass
+class _OrganState:
+    organ: int
+    window: Window
+    memory: list[_Frame] = field(default_factory=list)
+    temp: _Frame | None = None
+    alive: bool = True
+    misses: int = 0
+
+
+@dataclass
+class PropagationStats:
+    key_encodes: int = 0
+    skip_encodes: int = 0
+    value_encodes: int = 0
+    decodes: int = 0
+    decoded_cells: int = 0  # sum over decodes of window area, in key-grid cells
+    full_cells: int = 0  # what the same decodes would cost on the full frame
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["seconds"] = dict(self.seconds)
+        d["calls"] = dict(self.calls)
+        return d
+
+
+class _Timer:
+    def __init__(self, stats: PropagationStats, name: str):
+        self.stats, self.name = stats, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.stats.seconds[self.name] += time.perf_counter() - self.t0
+        self.stats.calls[self.name] += 1
+
+
+class PropagationEngine:
+    """Per-volume propagation state and schedule.
+
+    ``get_slices(indices) -> (B, 3, H, W)`` supplies windowed slices at model resolution.
+    ``references`` maps slice index -> (H, W) integer mask (0 = background, 1..C organs).
+    """
+
+    def __init__(self, backend: StageBackend, config: PropagationConfig | None = None, num_organs: int = 13):
+        self.backend = backend
+        self.cfg = config or PropagationConfig()
+        self.num_organs = num_organs
+        self.stats = PropagationStats()
+
+    # ---- feature cache ------------------------------------------------------------
+    def _features(self, t: int, direction: int, lo: int, hi: int) -> dict:
+        if t not in self._cache:
+            b = self.cfg.key_batch
+            want = [s for s in range(t, t + direction * b, direction) if lo <= s <= hi and s not in self._cache]
+            with _Timer(self.stats, "key_encode"):
+                imgs = self._get_slices(want)
+                out = self.backend.encode_key(imgs)
+            self.stats.key_encodes += len(want)
+            for j, s in enumerate(want):
+                self._cache[s] = {k: v[j : j + 1] for k, v in out.items()}
+                self._cache[s]["image"] = imgs[j : j + 1]
+        return self._cache[t]
+
+    def _skips(self, feats: dict) -> tuple[np.ndarray, np.ndarray]:
+        if "s8" not in feats:
+            with _Timer(self.stats, "skip"):
+                feats["s8"], feats["s4"] = self.backend.skip_features(feats["f8"], feats["f4"])
+            self.stats.skip_encodes += 1
+            del feats["f8"], feats["f4"]
+        return feats["s8"], feats["s4"]
+
+    # ---- windows --------------------------------------------------------------------
+    def _full_window(self) -> Window:
+        return (0, self._grid[0], 0, self._grid[1])
+
+    def _window_of(self, mask: np.ndarray) -> Window | None:
+        """Window (in cells) around the pixels of a (H, W) boolean mask, or None if empty."""
+        if not self.cfg.crop:
+            return self._full_window()
+        ys, xs = np.nonzero(mask.any(axis=1)), np.nonzero(mask.any(axis=0))
+        if ys[0].size == 0:
+            return None
+        s, m = self._stride, self.cfg.margin
+        gh, gw = self._grid
+        y0, y1 = ys[0][0] // s - m, ys[0][-1] // s + 1 + m
+        x0, x1 = xs[0][0] // s - m, xs[0][-1] // s + 1 + m
+        y0, y1 = self._fit(y0, y1, gh)
+        x0, x1 = self._fit(x0, x1, gw)
+        return (y0, y1, x0, x1)
+
+    def _fit(self, a: int, b: int, n: int) -> tuple[int, int]:
+        need = min(self.cfg.min_cells, n)
+        if b - a < need:
+            c = (a + b) // 2
+            a, b = c - need // 2, c - need // 2 + need
+        a, b = max(0, a), min(n, b)
+        if b - a < need:
+            a, b = (0, need) if a == 0 else (n - need, n)
+        return int(a), int(b)
+
+    @staticmethod
+    def _crop(x: np.ndarray, win: Window, scale: int) -> np.ndarray:
+        y0, y1, x0, x1 = win
+        return x[..., y0 * scale : y1 * scale, x0 * scale : x1 * scale]
+
+    # ---- memory -------------------------------------------------------------------
+    def _encode_frame(self, feats: dict, win: Window, target: np.ndarray, others: np.ndarray) -> _Frame:
+        s = self._stride
+        with _Timer(self.stats, "value_encode"):
+            values = self.backend.encode_value(
+                self._crop(feats["image"], win, s),
+                self._crop(feats["f16"], win, 1),
+                self._crop(target, win, s)[None].astype(np.float32),
+                self._crop(others, win, s)[None].astype(np.float32),
+            )
+        self.stats.value_encodes += 1
+        keys = self._crop(feats["key"][0], win, 1)
+        return _Frame(keys.reshape(keys.shape[0], -1), values[0].reshape(values.shape[1], -1), False)
+
+    def _add_memory(self, st: _OrganState, frame: _Frame) -> None:
+        st.memory.append(frame)
+        if len(st.memory) > self.cfg.max_memory:
+            for i, f in enumerate(st.memory):
+                if not f.is_ref:
+                    del st.memory[i]
+                    break
+
+    # ---- one pass -----------------------------------------------------------------
+    def _pass(self, ref: int, stop: int, direction: int, lo: int, hi: int) -> None:
+        """Propagate from reference slice ``ref`` to ``stop`` (inclusive), one direction."""
+        ref_mask = self._refs[ref]
+        feats = self._features(ref, direction, lo, hi)
+        organs = range(1, self.num_organs + 1)
+        states: list[_OrganState] = []
+        total = np.zeros_like(ref_mask, dtype=np.float32)
+        for o in organs:
+            total += ref_mask == o
+        for o in organs:
+            target = (ref_mask == o).astype(np.float32)
+            if not target.any() and self.cfg.skip_absent:
+                continue
+            win = self._window_of(target > 0) or self._full_window()
+            st = _OrganState(o, win)
+            frame = self._encode_frame(feats, win, target, total - target)
+            frame.is_ref = True
+            st.memory.append(frame)
+            states.append(st)
+        if not states:
+            return
+        steps = range(ref + direction, stop + direction, direction)
+        for n_step, t in enumerate(steps, start=1):
+            live = [st for st in states if st.alive]
+            for st in states:
+                if not st.alive:
+                    self._votes[t, st.organ - 1] += 1
+            if not live:
+                continue
+            feats = self._features(t, direction, lo, hi)
+            s8, s4 = self._skips(feats)
+            probs = {}
+            for st in live:
+                win = st.window
+                qk = self._crop(feats["key"][0], win, 1)
+                h, w = qk.shape[1:]
+                frames = st.memory + ([st.temp] if st.temp is not None else [])
+                mk = np.concatenate([f.keys for f in frames], axis=1)
+                mv = np.concatenate([f.values for f in frames], axis=1)[None]
+                with _Timer(self.stats, "read_memory"):
+                    readout = read_memory(mk, mv, qk.reshape(qk.shape[0], -1), self.cfg.top_k)
+                readout = readout.reshape(1, -1, h, w).astype(np.float32)
+                with _Timer(self.stats, "decode"):
+                    logits = self.backend.decode(
+                        readout, self._crop(feats["qv"], win, 1), self._crop(s8, win, 2), self._crop(s4, win, 4)
+                    )
+                self.stats.decodes += 1
+                self.stats.decoded_cells += h * w
+                self.stats.full_cells += self._grid[0] * self._grid[1]
+                probs[st.organ] = sigmoid(logits[0, 0])
+            # soft aggregation on a canvas, so overlapping organs compete as in STCN
+            with _Timer(self.stats, "aggregate"):
+                canvas = np.zeros((len(live),) + self._hw, np.float32)
+                for i, st in enumerate(live):
+                    y0, y1, x0, x1 = (v * self._stride for v in st.window)
+                    canvas[i, y0:y1, x0:x1] = probs[st.organ]
+                agg = aggregate(canvas)[1:]
+                total = agg.sum(axis=0)
+            for i, st in enumerate(live):
+                p = agg[i]
+                win = st.window
+                y0, y1, x0, x1 = (v * self._stride for v in win)
+                self._entries[t].append((st.organ, win, p[y0:y1, x0:x1].astype(np.float16)))
+                self._votes[t, st.organ - 1] += 1
+                fg = p > 0.5
+                if self.cfg.early_stop and int(fg.sum()) < self.cfg.min_pixels:
+                    st.misses += 1
+                    if st.misses >= self.cfg.patience:
+                        st.alive = False
+                        st.temp = None
+                        continue
+                else:
+                    st.misses = 0
+                new_win = self._window_of(fg) or win
+                is_mem = n_step % self.cfg.mem_every == 0
+                if t != stop and (is_mem or self.cfg.temp_slot):
+                    frame = self._encode_frame(feats, new_win, p, total - p)
+                    if is_mem:
+                        self._add_memory(st, frame)
+                        st.temp = None
+                    else:
+                        st.temp = frame
+                st.window = new_win
+
+    # ---- the volume ---------------------------------------------------------------
+    def run(
+        self,
+        num_slices: int,
+        hw: tuple[int, int],
+        get_slices: Callable[[list[int]], np.ndarray],
+        references: dict[int, np.ndarray],
+        reference_probs: dict[int, np.ndarray] | None = None,
+    ) -> "PropagationResult":
+        """Propagate the reference masks through ``num_slices`` slices of size ``hw``."""
+        if not references:
+            raise ValueError("propagation needs at least one reference slice")
+        s = self.backend.stride
+        if hw[0] % s or hw[1] % s:
+            raise ValueError(f"model input {hw} is not a multiple of the key stride {s}")
+        self._stride, self._hw, self._grid = s, tuple(hw), (hw[0] // s, hw[1] // s)
+        self._get_slices = get_slices
+        self._refs = {int(k): np.asarray(v) for k, v in references.items()}
+        self._votes = np.zeros((num_slices, self.num_organs), np.int32)
+        self._entries: dict[int, list] = defaultdict(list)
+        self._cache: dict[int, dict] = {}
+        refs = sorted(self._refs)
+        if refs[0] < 0 or refs[-1] >= num_slices:
+            raise ValueError(f"reference slices {refs} outside 0..{num_slices - 1}")
+        # r_0 -> 0
+        if refs[0] > 0:
+            self._pass(refs[0], 0, -1, 0, refs[0])
+        self._evict_below(refs[0])
+        for a, b in zip(refs[:-1], refs[1:]):
+            if b - a > 1:
+                self._pass(a, b - 1, +1, a, b)
+                self._pass(b, a + 1, -1, a, b)
+            self._evict_below(b)
+        if refs[-1] < num_slices - 1:
+            self._pass(refs[-1], num_slices - 1, +1, refs[-1], num_slices - 1)
+        self._cache.clear()
+        return PropagationResult(
+            num_slices, tuple(hw), self.num_organs, self._refs, reference_probs or {},
+            dict(self._entries), self._votes, self.stats, s,
+        )
+
+    def _evict_below(self, t: int) -> None:
+        for k in [k for k in self._cache if k < t]:
+            del self._cache[k]
+
+
+@dataclass
+class PropagationResult:
+    """Sparse per-slice organ probabilities at model resolution; composed per slice on demand."""
+
+    num_slices: int
+    hw: tuple[int, int]
+    num_organs: int
+    references: dict[int, np.ndarray]
+    reference_probs: dict[int, np.ndarray]  # slice -> (C+1, H, W) probabilities, optional
+    entries: dict[int, list]
+    votes: np.ndarray
+    stats: PropagationStats
+    stride: int
+
+    def organ_probs(self, t: int) -> np.ndarray:
+        """(num_organs, H, W) float32 probabilities of slice t at model resolution."""
+        out = np.zeros((self.num_organs,) + self.hw, np.float32)
+        if t in self.references:
+            if t in self.reference_probs:
+                return np.asarray(self.reference_probs[t][1:], np.float32)
+            m = self.references[t]
+            for o in range(1, self.num_organs + 1):
+                out[o - 1] = m == o
+            return out
+        for organ, (y0, y1, x0, x1), p in self.entries.get(t, []):
+            s = self.stride
+            out[organ - 1, y0 * s : y1 * s, x0 * s : x1 * s] += p
+        votes = self.votes[t]
+        nz = votes > 0
+        out[nz] /= votes[nz, None, None]
+        return out
+
+    def labels(self, t: int, out_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """Label slice t (uint8), resized to ``out_hw`` before the argmax when given."""
+        p = self.organ_probs(t)
+        if t in self.references and t not in self.reference_probs and out_hw in (None, self.hw):
+            return self.references[t].astype(np.uint8)
+        if not p.any():
+            return np.zeros(out_hw or self.hw, np.uint8)
+        if out_hw is not None and tuple(out_hw) != self.hw:
+            p = resize_stack(p, tuple(out_hw))
+        bg = np.prod(1 - np.clip(p, 0, 1), axis=0, keepdims=True)
+        return np.argmax(np.concatenate([bg, p], axis=0), axis=0).astype(np.uint8)
