@@ -16,6 +16,9 @@ class InputError(Flare22Error):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # picklable across worker processes
+        return (type(self), (self.path, self.problem))
+
 
 class GeometryError(Flare22Error):
     """An array that does not lie on the grid it must be written onto."""
@@ -28,3 +31,6 @@ class BundleError(Flare22Error):
         self.bundle = str(bundle)
         self.problem = problem
         super().__init__(f"model bundle {self.bundle}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.bundle, self.problem))

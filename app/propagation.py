@@ -47,21 +47,43 @@ from .resize import resize_stack
 
 
 class StageBackend(Protocol):
-    """The four STCN stages, numpy in and out (float32). ``stride`` is the key grid's stride."""
+    """The STCN stages. Arrays are the backend's own (numpy for ONNX Runtime, device tensors
+    for torch): the engine only slices and reshapes them, moves masks in with
+    ``to_device`` and decoder logits out with ``to_host``. ``stride`` is the key grid's."""
 
     stride: int
 
-    def encode_key(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def encode_key(self, images):
         """(B,3,H,W) -> {key (B,Ck,h,w), qv (B,Cv,h,w), f16 (B,C16,h,w), f8, f4}."""
 
-    def skip_features(self, f8: np.ndarray, f4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(1,C,2h,2w), (1,C',4h,4w) -> decoder skip features s8, s4 of the same grids."""
+    def skip_features(self, f8, f4):
+        """(1,C,2h,2w), (1,C',4h,4w) -> decoder skip features s8, s4 on the same grids."""
 
-    def encode_value(self, image: np.ndarray, f16: np.ndarray, masks: np.ndarray, others: np.ndarray) -> np.ndarray:
+    def encode_value(self, image, f16, masks, others):
         """(1,3,Hc,Wc), (1,C16,hc,wc), (O,Hc,Wc), (O,Hc,Wc) -> values (O,Cv,hc,wc)."""
 
-    def decode(self, readout: np.ndarray, qv: np.ndarray, s8: np.ndarray, s4: np.ndarray) -> np.ndarray:
+    def read_memory(self, mem_keys: list, mem_values: list, query_key, top_k: int):
+        """Frames' keys [(Ck, n_i)], values [(O, Cv, n_i)], query (Ck, P) -> (O, Cv, P)."""
+
+    def decode(self, readout, qv, s8, s4):
         """(O,Cv,hc,wc), (1,Cv,hc,wc), (1,C8,2hc,2wc), (1,C4,4hc,4wc) -> logits (O,1,Hc,Wc)."""
+
+    def to_device(self, array: np.ndarray): ...
+
+    def to_host(self, x) -> np.ndarray: ...
+
+
+class NumpyMemoryMixin:
+    """For backends whose arrays are numpy: memory read and transfers done here."""
+
+    def read_memory(self, mem_keys, mem_values, query_key, top_k):
+        return read_memory(np.concatenate(mem_keys, axis=1), np.concatenate(mem_values, axis=2), query_key, top_k)
+
+    def to_device(self, array):
+        return array
+
+    def to_host(self, x):
+        return np.asarray(x)
 
 
 @dataclass
@@ -133,8 +155,8 @@ Window = tuple[int, int, int, int]  # y0, y1, x0, x1 in key-grid cells
 
 @dataclass
 class _Frame:
-    keys: np.ndarray  # (Ck, n)
-    values: np.ndarray  # (Cv, n)
+    keys: object  # (Ck, n), the backend's array type
+    values: object  # (1, Cv, n)
     is_ref: bool
 
 
@@ -160,8 +182,9 @@ class PropagationStats:
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["seconds"] = dict(self.seconds)
+        d = {k: getattr(self, k) for k in ("key_encodes", "skip_encodes", "value_encodes", "decodes",
+                                            "decoded_cells", "full_cells")}
+        d["seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
         d["calls"] = dict(self.calls)
         return d
 
@@ -197,7 +220,7 @@ class PropagationEngine:
             b = self.cfg.key_batch
             want = [s for s in range(t, t + direction * b, direction) if lo <= s <= hi and s not in self._cache]
             with _Timer(self.stats, "key_encode"):
-                imgs = self._get_slices(want)
+                imgs = self.backend.to_device(np.ascontiguousarray(self._get_slices(want), dtype=np.float32))
                 out = self.backend.encode_key(imgs)
             self.stats.key_encodes += len(want)
             for j, s in enumerate(want):
@@ -249,17 +272,17 @@ class PropagationEngine:
 
     # ---- memory -------------------------------------------------------------------
     def _encode_frame(self, feats: dict, win: Window, target: np.ndarray, others: np.ndarray) -> _Frame:
-        s = self._stride
+        s, dev = self._stride, self.backend.to_device
         with _Timer(self.stats, "value_encode"):
             values = self.backend.encode_value(
                 self._crop(feats["image"], win, s),
                 self._crop(feats["f16"], win, 1),
-                self._crop(target, win, s)[None].astype(np.float32),
-                self._crop(others, win, s)[None].astype(np.float32),
+                dev(np.ascontiguousarray(self._crop(target, win, s)[None], dtype=np.float32)),
+                dev(np.ascontiguousarray(self._crop(others, win, s)[None], dtype=np.float32)),
             )
         self.stats.value_encodes += 1
         keys = self._crop(feats["key"][0], win, 1)
-        return _Frame(keys.reshape(keys.shape[0], -1), values[0].reshape(values.shape[1], -1), False)
+        return _Frame(keys.reshape(keys.shape[0], -1), values.reshape(values.shape[0], values.shape[1], -1), False)
 
     def _add_memory(self, st: _OrganState, frame: _Frame) -> None:
         st.memory.append(frame)
@@ -307,15 +330,16 @@ class PropagationEngine:
                 qk = self._crop(feats["key"][0], win, 1)
                 h, w = qk.shape[1:]
                 frames = st.memory + ([st.temp] if st.temp is not None else [])
-                mk = np.concatenate([f.keys for f in frames], axis=1)
-                mv = np.concatenate([f.values for f in frames], axis=1)[None]
                 with _Timer(self.stats, "read_memory"):
-                    readout = read_memory(mk, mv, qk.reshape(qk.shape[0], -1), self.cfg.top_k)
-                readout = readout.reshape(1, -1, h, w).astype(np.float32)
-                with _Timer(self.stats, "decode"):
-                    logits = self.backend.decode(
-                        readout, self._crop(feats["qv"], win, 1), self._crop(s8, win, 2), self._crop(s4, win, 4)
+                    readout = self.backend.read_memory(
+                        [f.keys for f in frames], [f.values for f in frames],
+                        qk.reshape(qk.shape[0], -1), self.cfg.top_k,
                     )
+                readout = readout.reshape(1, -1, h, w)
+                with _Timer(self.stats, "decode"):
+                    logits = self.backend.to_host(self.backend.decode(
+                        readout, self._crop(feats["qv"], win, 1), self._crop(s8, win, 2), self._crop(s4, win, 4)
+                    ))
                 self.stats.decodes += 1
                 self.stats.decoded_cells += h * w
                 self.stats.full_cells += self._grid[0] * self._grid[1]

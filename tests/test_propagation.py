@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from app.propagation import PropagationConfig, PropagationEngine, aggregate, read_memory
+from app.propagation import NumpyMemoryMixin, PropagationConfig, PropagationEngine, aggregate, read_memory
 
 
-class CopyBackend:
+class CopyBackend(NumpyMemoryMixin):
     """Keys are the cell's (y, x) position, values the cell's mask: with top-1 the readout
     copies the memory mask at the same position. Decoding gates on the image: where the
     image's channel 0 is dark the organ vanishes."""
