@@ -1,0 +1,419 @@
+"""The appliance's pipeline: every ``*_0000`` CT in a folder -> ``<case>.nii.gz`` labels.
+
+Per case: read and canonicalise -> window k uniformly sampled axial slices -> the CPS pair
+(summed softmax) -> largest-area reference selection -> bidirectional STCN propagation
+(app.propagation) -> probabilities back to the native in-plane size one slice at a time ->
+argmax -> the input's exact grid, written atomically. A per-case JSON report records the
+slices sampled, the references chosen, stage timings and the providers that ran.
+
+Reading the next case overlaps with computing the current one (a bounded queue), writing
+happens in a background thread, one bad case never stops the others, and nothing
+half-written is left in the output folder (temporary names are hidden and removed on
+start and on SIGTERM).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends import DEVICES, load_backends
+from .bundle import Bundle, load_bundle
+from .ctio import CTProperties, case_name, list_cases, read_ct, write_labels
+from .errors import BundleError, Flare22Error
+from .propagation import PropagationConfig, PropagationEngine
+from .resize import resize_stack
+from .windowing import window_slices
+
+log = logging.getLogger("flare22")
+
+
+def sample_candidates(num_slices: int, every: int = 5, maximum: int = 64) -> np.ndarray:
+    """Uniform ``linspace`` sampling of num_slices // every slices (at least 1, at most maximum)."""
+    k = max(1, min(maximum, num_slices // every))
+    return np.unique(np.round(np.linspace(0, num_slices - 1, k)).astype(np.int64))
+
+
+def select_largest_area(areas: np.ndarray) -> dict[int, list[int]]:
+    """``areas`` (k, C) pixel counts per candidate and organ (column 0 = organ 1).
+
+    For each organ predicted on any candidate, the candidate where its area is largest.
+    Returns candidate position -> organs it was chosen for (unique candidates)."""
+    chosen: dict[int, list[int]] = {}
+    for o in range(areas.shape[1]):
+        if areas[:, o].max() > 0:
+            chosen.setdefault(int(areas[:, o].argmax()), []).append(o + 1)
+    return dict(sorted(chosen.items()))
+
+
+@dataclass
+class PredictOptions:
+    batch: int = 8
+    mode: str = "propagate"  # or "dense": the CPS pair on every slice, no propagation
+    device: str = "auto"
+    backend: str = "onnx"
+    threads: int | None = None
+    propagation: dict = field(default_factory=dict)  # overrides of the bundle's settings
+
+
+class Predictor:
+    """A loaded bundle and its backends; ``predict_volume`` runs one canonical CT."""
+
+    def __init__(self, bundle: Bundle, options: PredictOptions | None = None):
+        self.bundle = bundle
+        self.opt = options or PredictOptions()
+        self.hw = bundle.input_size
+        self.windows = bundle.windows
+        self.sampling = bundle.manifest["sampling"]
+        self.num_organs = bundle.num_classes - 1
+        self._load(self.opt.device)
+
+    def _load(self, device: str) -> None:
+        self.reference, self.stcn, self.info = load_backends(
+            self.bundle, backend=self.opt.backend, device=device, threads=self.opt.threads
+        )
+        self.device = device
+
+    def prop_config(self) -> PropagationConfig:
+        cfg = self.bundle.propagation
+        for k, v in self.opt.propagation.items():
+            setattr(cfg, k, v)
+        return cfg
+
+    def slices(self, volume: np.ndarray, idx) -> np.ndarray:
+        """Windowed slices at model resolution: (B, 3, H, W) float32."""
+        return resize_stack(window_slices(volume[np.asarray(idx)], self.windows), self.hw)
+
+    def run_reference(self, volume: np.ndarray, idx: np.ndarray):
+        """Yield (batch indices, outputs dict) over ``idx`` in batches."""
+        n = volume.shape[0]
+        for i in range(0, len(idx), self.opt.batch):
+            b = idx[i : i + self.opt.batch]
+            out = self.reference(self.slices(volume, b), (b / n).astype(np.float32))
+            yield b, out
+
+    def predict_volume(self, volume: np.ndarray) -> tuple[np.ndarray, dict]:
+        """(N, h, w) Hounsfield units in canonical orientation -> (N, h, w) uint8 labels."""
+        n, h, w = volume.shape
+        timings: dict[str, float] = {}
+        report: dict = {"num_slices": n, "native_hw": [h, w], "model_hw": list(self.hw), "mode": self.opt.mode}
+        labels = np.zeros((n, h, w), np.uint8)
+        if self.opt.mode == "dense":
+            t0 = time.perf_counter()
+            for b, out in self.run_reference(volume, np.arange(n)):
+                probs = resize_stack(out["probs"], (h, w))
+                labels[b] = probs.argmax(axis=1).astype(np.uint8)
+            timings["reference"] = time.perf_counter() - t0
+            report["timings"] = timings
+            return labels, report
+
+        t0 = time.perf_counter()
+        cands = sample_candidates(n, self.sampling["every"], self.sampling["max"])
+        areas = np.zeros((len(cands), self.num_organs), np.int64)
+        best_area = np.zeros(self.num_organs, np.int64)
+        kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # candidate pos -> (probs f16, mask)
+        agreement = []
+        pos = 0
+        for b, out in self.run_reference(volume, cands):
+            probs = out["probs"]
+            masks = probs.argmax(axis=1).astype(np.uint8)
+            for j in range(len(b)):
+                counts = np.bincount(masks[j].ravel(), minlength=self.num_organs + 1)[1:]
+                areas[pos + j] = counts
+                better = counts > best_area
+                if better.any():
+                    best_area[better] = counts[better]
+                    kept[pos + j] = (probs[j].astype(np.float16), masks[j])
+            if "probs_a" in out and "probs_b" in out:
+                agreement.append(member_agreement(out["probs_a"], out["probs_b"], self.num_organs))
+            pos += len(b)
+        timings["reference"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        chosen = select_largest_area(areas)
+        refs = {int(cands[c]): kept[c][1] for c in chosen}
+        ref_probs = {int(cands[c]): kept[c][0].astype(np.float32) / 2.0 for c in chosen}
+        kept.clear()
+        timings["selection"] = time.perf_counter() - t0
+        report["sampled"] = cands.tolist()
+        report["references"] = {str(int(cands[c])): organs for c, organs in chosen.items()}
+        if agreement:
+            report["member_agreement"] = combine_agreement(agreement)
+
+        if not refs:  # nothing found on any candidate: an empty prediction, honestly
+            report["timings"] = timings
+            report["warning"] = "no organ predicted on any sampled slice"
+            return labels, report
+
+        t0 = time.perf_counter()
+        engine = PropagationEngine(self.stcn, self.prop_config(), num_organs=self.num_organs)
+        result = engine.run(n, self.hw, lambda idx: self.slices(volume, idx), refs, ref_probs)
+        timings["propagation"] = time.perf_counter() - t0
+        report["propagation"] = {"config": engine.cfg.to_json(), **result.stats.to_json()}
+
+        t0 = time.perf_counter()
+        for t in range(n):
+            labels[t] = result.labels(t, (h, w))
+        timings["compose"] = time.perf_counter() - t0
+        report["timings"] = timings
+        return labels, report
+
+
+def member_agreement(pa: np.ndarray, pb: np.ndarray, num_organs: int) -> dict:
+    """Per-organ intersections and sizes of the two CPS members' masks vs their average."""
+    ma, mb = pa.argmax(1), pb.argmax(1)
+    mavg = (pa + pb).argmax(1)
+    stats = np.zeros((num_organs, 3), np.int64)  # inter_a+inter_b, |a|+|b|, 2|avg|
+    for o in range(1, num_organs + 1):
+        a, b, v = ma == o, mb == o, mavg == o
+        stats[o - 1] = [(a & v).sum() + (b & v).sum(), a.sum() + b.sum(), 2 * v.sum()]
+    return {"stats": stats}
+
+
+def combine_agreement(parts: list[dict]) -> dict:
+    """The consensus score: mean DSC of each member against their average, per organ and overall."""
+    s = sum(p["stats"] for p in parts)
+    per_organ = {}
+    for o in range(s.shape[0]):
+        inter, sizes, avg = s[o]
+        if sizes + avg == 0:
+            continue
+        per_organ[str(o + 1)] = round(float(2 * inter / (sizes + avg)), 4)
+    overall = float(np.mean(list(per_organ.values()))) if per_organ else 1.0
+    return {"overall": round(overall, 4), "per_organ": per_organ}
+
+
+# ---------------------------------------------------------------------------------------
+# folder runner
+
+
+_TEMP_GLOB = ".*.part.*"
+
+
+def _clean_temporaries(out_dir: Path) -> None:
+    for p in out_dir.glob(_TEMP_GLOB):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def _is_oom(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return any(s in msg for s in ("out of memory", "failed to allocate", "cudnn_status_alloc", "bad_alloc"))
+
+
+@dataclass
+class CaseResult:
+    case: str
+    ok: bool
+    seconds: float
+    error: str | None = None
+    report: dict | None = None
+
+
+def predict_folder(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    bundle_path: str | os.PathLike,
+    options: PredictOptions | None = None,
+    report_dir: str | os.PathLike | None = None,
+    quiet: bool = False,
+) -> list[CaseResult]:
+    """Segment every case; raises Flare22Error only for problems that stop every case."""
+    options = options or PredictOptions()
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise Flare22Error(f"input folder {input_dir} does not exist")
+    bundle = load_bundle(bundle_path)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    probe = output_dir / f".flare22-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise Flare22Error(f"output folder {output_dir} cannot be written ({exc.strerror})") from None
+    _clean_temporaries(output_dir)
+    report_dir = Path(report_dir) if report_dir else output_dir
+    report_dir.mkdir(parents=True, exist_ok=True)
+    cases = list_cases(input_dir)
+    if not cases:
+        log.warning("no *_0000.nii.gz / .nii / .mha cases in %s: nothing to do", input_dir)
+        return []
+
+    predictor = Predictor(bundle, options)
+    log.info("bundle %s; backend %s; providers %s", bundle.path, predictor.info["backend"], predictor.info["providers"])
+
+    # reader thread: the next case is read while the current one computes
+    q: queue.Queue = queue.Queue(maxsize=1)
+
+    def reader():
+        for path in cases:
+            t0 = time.perf_counter()
+            try:
+                item = read_ct(path)
+                q.put((path, item, None, time.perf_counter() - t0))
+            except Exception as exc:  # noqa: BLE001 - reported per case
+                q.put((path, None, exc, time.perf_counter() - t0))
+        q.put(None)
+
+    threading.Thread(target=reader, daemon=True, name="flare22-reader").start()
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flare22-writer")
+    pending: list[tuple[str, Future, CaseResult]] = []
+    results: list[CaseResult] = []
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):  # pragma: no cover - exercised by a subprocess test
+        _clean_temporaries(output_dir)
+        sys.exit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+    try:
+        i = 0
+        while (item := q.get()) is not None:
+            i += 1
+            path, loaded, error, read_s = item
+            name = case_name(path)
+            t0 = time.perf_counter() - read_s
+            if error is not None:
+                res = CaseResult(name, False, time.perf_counter() - t0, f"{type(error).__name__}: {error}")
+                _finish(res, report_dir, quiet, i, len(cases))
+                results.append(res)
+                continue
+            volume, props = loaded
+            try:
+                labels, report = _predict_with_fallback(predictor, volume)
+            except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
+                log.exception("case %s failed", name)
+                res = CaseResult(name, False, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
+                _finish(res, report_dir, quiet, i, len(cases))
+                results.append(res)
+                continue
+            report.update(case=name, input=str(path), timings={"read": read_s, **report["timings"]},
+                          backend=predictor.info, geometry=props.to_json())
+            res = CaseResult(name, True, 0.0, report=report)
+            fut = writer.submit(_write_case, labels, props, output_dir / f"{name}.nii.gz")
+            pending.append((name, fut, res))
+            res.seconds = time.perf_counter() - t0
+            _drain(pending, results, report_dir, quiet, len(cases), wait=False)
+        _drain(pending, results, report_dir, quiet, len(cases), wait=True)
+    finally:
+        writer.shutdown(wait=True)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+    return results
+
+
+def _predict_with_fallback(predictor: Predictor, volume: np.ndarray):
+    """GPU out of memory: retry with smaller batches, then on the CPU; never lose the case."""
+    while True:
+        try:
+            return predictor.predict_volume(volume)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            if predictor.opt.batch > 1:
+                predictor.opt.batch = max(1, predictor.opt.batch // 2)
+                log.warning("out of memory: retrying with batch %d", predictor.opt.batch)
+            elif predictor.device != "cpu":
+                log.warning("out of memory at batch 1: retrying on the CPU")
+                predictor._load("cpu")
+            else:
+                raise
+
+
+def _write_case(labels: np.ndarray, props: CTProperties, out: Path) -> float:
+    t0 = time.perf_counter()
+    write_labels(labels, props, out)
+    return time.perf_counter() - t0
+
+
+def _drain(pending, results, report_dir, quiet, total, wait: bool) -> None:
+    while pending and (wait or pending[0][1].done()):
+        name, fut, res = pending.pop(0)
+        try:
+            write_s = fut.result()
+            res.report["timings"]["write"] = write_s
+            res.seconds += write_s
+        except Exception as exc:  # noqa: BLE001
+            res.ok, res.error = False, f"{type(exc).__name__}: {exc}"
+        _finish(res, report_dir, quiet, len(results) + 1, total)
+        results.append(res)
+
+
+def _finish(res: CaseResult, report_dir: Path, quiet: bool, i: int, total: int) -> None:
+    record = {"case": res.case, "ok": res.ok, "seconds": round(res.seconds, 3), "error": res.error}
+    if res.report:
+        record.update({k: v for k, v in res.report.items() if k not in record})
+    tmp = report_dir / f".{res.case}.json.part.tmp"
+    tmp.write_text(json.dumps(record, indent=1, default=_json_default))
+    os.replace(tmp, report_dir / f"{res.case}.json")
+    if quiet:
+        return
+    if res.ok:
+        refs = ",".join(res.report.get("references", {}).keys()) if res.report else ""
+        n = res.report.get("num_slices") if res.report else "?"
+        print(f"[{i}/{total}] {res.case}: {n} slices, references [{refs}], {res.seconds:.1f} s", flush=True)
+    else:
+        print(f"[{i}/{total}] {res.case}: FAILED: {res.error}", file=sys.stderr, flush=True)
+
+
+def _json_default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(p) -> None:
+    p.add_argument("-i", "--input", required=True, help="folder of *_0000.nii.gz (.nii, .mha) CT volumes")
+    p.add_argument("-o", "--output", required=True, help="folder for <case>.nii.gz label maps")
+    p.add_argument("--bundle", required=True, help="model bundle folder (manifest.json + graphs)")
+    p.add_argument("--report-dir", help="folder for the per-case JSON reports (default: the output folder)")
+    p.add_argument("--mode", choices=("propagate", "dense"), default="propagate",
+                   help="propagate (the method) or dense (the CPS pair on every slice)")
+    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--batch", type=int, default=8, help="slices per reference / key-encoder call")
+    p.add_argument("--published-propagation", action="store_true",
+                   help="decode every organ on every slice, full frame (the authors' cost)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    prop = {}
+    if args.published_propagation:
+        prop = {"skip_absent": False, "early_stop": False, "crop": False}
+    opts = PredictOptions(batch=args.batch, mode=args.mode, device=args.device, backend=args.backend,
+                          threads=args.threads, propagation=prop)
+    t0 = time.perf_counter()
+    try:
+        results = predict_folder(args.input, args.output, args.bundle, opts, args.report_dir, args.quiet)
+    except (BundleError, Flare22Error) as exc:
+        print(f"flare22 predict: {exc}", file=sys.stderr)
+        return 2
+    failed = [r for r in results if not r.ok]
+    print(f"flare22 predict: {len(results) - len(failed)} of {len(results)} cases written to {args.output}"
+          f" in {time.perf_counter() - t0:.1f} s" + (f"; FAILED: {', '.join(r.case for r in failed)}" if failed else ""))
+    return 1 if failed else 0
