@@ -1,0 +1,259 @@
+"""Train the STCN propagation network on CT slices, organ by organ.
+
+A sample is 3 axial slices of one volume at gaps drawn up to a curriculum's max skip
+(rising then falling, REFERENCE section 5), randomly reversed, with 2 organs: a target
+(drawn uniformly among the organs the volume holds, so small organs are not starved) and
+a random second organ present in the first slice (none where there is no second). Slice
+0's ground truth is encoded as memory, slice 1 is segmented, its soft masks are encoded as
+memory, slice 2 is segmented from both. Loss: OHEM cross-entropy + Lovasz-softmax on the
+aggregated logits. Validation propagates ground-truth masks from the largest-area slice
+of each organ through held-out volumes with the appliance's own engine (app.propagation)
+and compares with copying the nearest reference slice.
+
+    flare22 train-propagation --labelled DIR [--val DIR] --out DIR --config tiny --iterations 3000
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from app.assist import largest_area_slices, nearest_copy, propagate_annotations
+from app.labels import ORGANS
+from app.propagation import PropagationConfig
+from app.scoring import dice
+from training import trainer as T
+from training.data import Volume, load_folder, slice_inputs, slice_labels
+from training.losses import OhemLovaszLoss
+from training.models.stcn import STCN_CONFIGS, build_stcn
+from training.torch_backend import TorchStcnBackend
+
+KIND = "propagation"
+
+
+@dataclasses.dataclass
+class PropagationTrainConfig:
+    model: str = "tiny"
+    iterations: int = 3000
+    batch: int = 4
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.937, 0.999)
+    weight_decay: float = 1e-4
+    milestones: tuple[float, ...] = (0.75, 0.92)
+    # (fraction of training where it starts, max skip): 3, 4, 5, 7, 3 as the authors' code
+    curriculum: tuple[tuple[float, int], ...] = ((0.0, 3), (0.1, 4), (0.2, 5), (0.3, 7), (0.8, 3))
+    flip: bool = True  # STCN is class-agnostic: a flip harms nothing here
+    grad_clip: float = 12.0
+    amp: bool = True
+    seed: int = 0
+    val_every: int = 500
+    log_every: int = 20
+    device: str = "auto"
+    labelled: str = ""
+    val: str = ""
+    cache_dir: str = ""
+
+
+def max_skip(it: int, cfg: PropagationTrainConfig) -> int:
+    frac = it / max(1, cfg.iterations)
+    skip = cfg.curriculum[0][1]
+    for start, s in cfg.curriculum:
+        if frac >= start:
+            skip = s
+    return skip
+
+
+class ClipSampler:
+    """Draws 3-slice clips with two organs from labelled volumes."""
+
+    def __init__(self, vols: list[Volume], seed: int):
+        self.vols = vols
+        self.rng = np.random.default_rng(seed)
+        # slices holding each organ, per volume (computed once)
+        self.where = []
+        for v in vols:
+            lab = np.asarray(v.labels)
+            per = {}
+            for o in ORGANS:
+                zs = np.nonzero((lab == o).any(axis=(1, 2)))[0]
+                if len(zs):
+                    per[o] = zs
+            self.where.append(per)
+
+    def clip(self, skip: int, size: int, flip: bool):
+        while True:
+            v = int(self.rng.integers(len(self.vols)))
+            if self.where[v]:
+                break
+        vol, per = self.vols[v], self.where[v]
+        organ = int(self.rng.choice(list(per)))
+        z0 = int(self.rng.choice(per[organ]))
+        n = vol.image.shape[0]
+        d = 1 if self.rng.random() < 0.5 else -1
+        zs = [z0]
+        for _ in range(2):
+            step = int(self.rng.integers(1, skip + 1))
+            zs.append(int(np.clip(zs[-1] + d * step, 0, n - 1)))
+        img, _ = slice_inputs(vol, np.array(zs), size)
+        lab = slice_labels(vol, np.array(zs), size)
+        others = [o for o in np.unique(lab[0]) if o not in (0, organ)]
+        second = int(self.rng.choice(others)) if others else -1
+        target = np.zeros_like(lab)
+        target[lab == organ] = 1
+        if second > 0:
+            target[lab == second] = 2
+        first = np.stack([(target[0] == 1), (target[0] == 2)]).astype(np.float32)
+        if flip and self.rng.random() < 0.5:
+            img, target, first = img[..., ::-1], target[..., ::-1], first[..., ::-1]
+        if flip and self.rng.random() < 0.5:
+            img, target, first = img[..., ::-1, :], target[..., ::-1, :], first[..., ::-1, :]
+        return (np.ascontiguousarray(img), np.ascontiguousarray(first), np.ascontiguousarray(target))
+
+    def batch(self, b: int, skip: int, size: int, flip: bool):
+        clips = [self.clip(skip, size, flip) for _ in range(b)]
+        return tuple(np.stack(x) for x in zip(*clips))
+
+
+def evaluate(net, vols: list[Volume], size: int, device, prop: PropagationConfig | None = None) -> dict:
+    """Propagate ground-truth masks from each organ's largest-area slice; DSC per organ,
+    against copying the nearest reference slice."""
+    backend = TorchStcnBackend(net, device)
+    per, base = {}, {}
+    secs = 0.0
+    for v in vols:
+        gt = np.asarray(v.labels)
+        refs = largest_area_slices(gt)
+        ann = np.zeros_like(gt)
+        ann[refs] = gt[refs]
+        pred, stats = propagate_annotations(backend, np.asarray(v.image), ann, refs, (size, size), config=prop)
+        secs += stats["seconds"]
+        copy = nearest_copy(ann, refs)
+        for o in ORGANS:
+            if (gt == o).any():
+                per.setdefault(o, []).append(dice(gt == o, pred == o))
+                base.setdefault(o, []).append(dice(gt == o, copy == o))
+    m = {o: float(np.mean(d)) for o, d in sorted(per.items())}
+    b = {o: float(np.mean(d)) for o, d in sorted(base.items())}
+    return {"mean_dsc": float(np.mean(list(m.values()))) if m else 0.0, "per_organ": m,
+            "nearest_copy_mean_dsc": float(np.mean(list(b.values()))) if b else 0.0, "nearest_copy_per_organ": b,
+            "seconds": secs}
+
+
+def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progress: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    info = T.setup_distributed(cfg.device)
+    if resume:
+        state = T.load_checkpoint(resume, KIND)
+        c = state["config"]
+        cfg = PropagationTrainConfig(**{**c, "betas": tuple(c["betas"]), "milestones": tuple(c["milestones"]),
+                                        "curriculum": tuple(tuple(x) for x in c["curriculum"])})
+    T.seed_everything(cfg.seed + info.rank)
+    size = STCN_CONFIGS[cfg.model].image_size
+    cache = cfg.cache_dir or None
+    vols = load_folder(cfg.labelled, labelled=True, cache_dir=cache)
+    val = load_folder(cfg.val, labelled=True, cache_dir=cache) if cfg.val else []
+    net = build_stcn(cfg.model).to(info.device)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay)
+    sched = T.multistep_lr(opt, cfg.iterations, cfg.milestones)
+    use_amp = cfg.amp and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    sampler = ClipSampler(vols, cfg.seed * 1000 + info.rank)
+    start, best = 0, -1.0
+    if resume:
+        net.load_state_dict(state["models"]["stcn"])
+        opt.load_state_dict(state["optimizers"]["stcn"])
+        sched.load_state_dict(state["schedulers"]["stcn"])
+        if state["scalers"]:
+            scaler.load_state_dict(state["scalers"]["stcn"])
+        start, best = state["iteration"], state["best"] if state["best"] is not None else -1.0
+        T.restore_rng(state)
+        sampler.rng.bit_generator.state = state["extra"]["sampler"]
+    model = DDP(net) if info.world > 1 else net
+    loss_fn = OhemLovaszLoss()
+    log = T.JsonLog(out_dir / "log.jsonl", info.main)
+    if info.main and not resume:
+        log.write(event="start", config=dataclasses.asdict(cfg), world=info.world, device=str(info.device))
+    bar = T.progress(cfg.iterations, start, disable=not (progress and info.main), desc="propagation")
+    net.train()
+    last, t0 = {}, time.time()
+    for it in range(start, cfg.iterations):
+        frames, first, target = sampler.batch(cfg.batch, max_skip(it, cfg), size, cfg.flip)
+        x = torch.from_numpy(frames).to(info.device)
+        m = torch.from_numpy(first).to(info.device)
+        y = torch.from_numpy(target[:, 1:]).to(info.device)  # (B, 2, H, W)
+        with T.autocast(info.device, use_amp):
+            logits = model(x, m)  # (B, 2, 3, H, W)
+        loss = loss_fn(logits.float().flatten(0, 1), y.flatten(0, 1))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        bar.update(1)
+        last = {"loss": loss.item(), "max_skip": max_skip(it, cfg)}
+        if info.main and ((it + 1) % cfg.log_every == 0 or it == start):
+            log.write(event="train", iteration=it + 1, lr=opt.param_groups[0]["lr"], **last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+        is_last = it + 1 == cfg.iterations
+        if info.main and ((it + 1) % cfg.val_every == 0 or is_last):
+            if val:
+                net.eval()
+                res = evaluate(net, val, size, info.device)
+                net.train()
+                log.write(event="val", iteration=it + 1, **res)
+                if res["mean_dsc"] > best:
+                    best = res["mean_dsc"]
+                    _save(out_dir / "best.pt", cfg, it + 1, net, opt, sched, scaler, best, sampler)
+            _save(out_dir / "last.pt", cfg, it + 1, net, opt, sched, scaler, best, sampler)
+    bar.close()
+    if info.main and not val:
+        (out_dir / "best.pt").write_bytes((out_dir / "last.pt").read_bytes())
+    summary = {"iterations": cfg.iterations, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
+               "checkpoint": str(out_dir / "best.pt")}
+    log.write(event="end", **summary)
+    return summary
+
+
+def _save(path, cfg, it, net, opt, sched, scaler, best, sampler):
+    T.save_checkpoint(path, kind=KIND, config=cfg, iteration=it, models={"stcn": net}, optimizers={"stcn": opt},
+                      schedulers={"stcn": sched}, scalers={"stcn": scaler}, best=best,
+                      extra={"sampler": sampler.rng.bit_generator.state})
+
+
+def load_stcn(checkpoint):
+    state = T.load_checkpoint(checkpoint, KIND)
+    net = build_stcn(state["config"]["model"])
+    net.load_state_dict(state["models"]["stcn"])
+    return net.eval(), state
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--labelled", required=True, help="FLARE folder with images/ and labels/")
+    p.add_argument("--val", default="", help="labelled FLARE folder for validation")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl")
+    p.add_argument("--config", default="tiny", choices=sorted(STCN_CONFIGS))
+    p.add_argument("--iterations", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--cache-dir", default="")
+    p.add_argument("--resume")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    cfg = PropagationTrainConfig(model=args.config, iterations=args.iterations, batch=args.batch, lr=args.lr,
+                                 val_every=args.val_every, seed=args.seed, device=args.device,
+                                 labelled=args.labelled, val=args.val, cache_dir=args.cache_dir)
+    s = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"propagation training done: best validation mean DSC {s['best_val_dsc']:.4f}; {s['checkpoint']}")
+    return 0

@@ -1,0 +1,259 @@
+"""Train the reference pair (TransUNet + DeepLabV3+) with Cross Pseudo Supervision.
+
+Supervised branch (both networks, labelled slices): Dice + cross-entropy with label
+smoothing. Unsupervised CPS branch (all slices of the batch, labelled and unlabelled):
+each network learns from its peer's hard (argmax) prediction, with Dice (the paper) or
+cross-entropy (the CPS paper), weight ``cps_weight`` ramped up as w * exp(-5 (1 - t)^2)
+over the first ``rampup`` fraction of the run.
+
+    flare22 train-reference --labelled DIR [--unlabelled DIR] [--val DIR] --out DIR \
+        --config tiny --iterations 2000
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from app.labels import ORGANS
+from app.resize import resize_stack
+from app.scoring import dice
+from training import trainer as T
+from training.data import AugmentConfig, SliceSampler, Volume, load_folder, slice_inputs, slice_weights
+from training.losses import DiceCELoss, soft_dice_loss
+from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
+
+KIND = "reference"
+
+
+@dataclasses.dataclass
+class ReferenceTrainConfig:
+    model: str = "tiny"
+    iterations: int = 2000
+    batch_labelled: int = 2
+    batch_unlabelled: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    milestones: tuple[float, ...] = (0.8, 0.9)
+    label_smoothing: float = 0.1
+    cps_weight: float = 1.5
+    cps_loss: str = "dice"  # or "ce"
+    rampup: float = 0.3
+    small_organ_boost: float = 3.0
+    augment: bool = True
+    grad_clip: float = 12.0
+    amp: bool = True
+    seed: int = 0
+    val_every: int = 500
+    log_every: int = 20
+    device: str = "auto"
+    labelled: str = ""
+    unlabelled: str = ""
+    val: str = ""
+    cache_dir: str = ""
+
+
+def cps_rampup(it: int, cfg: ReferenceTrainConfig) -> float:
+    t = min(1.0, it / max(1.0, cfg.rampup * cfg.iterations))
+    return cfg.cps_weight * math.exp(-5 * (1 - t) ** 2)
+
+
+@torch.no_grad()
+def predict_volume_probs(nets, vol: Volume, size: int, device, batch: int = 16) -> np.ndarray:
+    """Summed softmax of the pair on every slice, at the native in-plane size, argmax'd."""
+    n, h, w = vol.image.shape
+    out = np.zeros((n, h, w), np.uint8)
+    for i in range(0, n, batch):
+        z = np.arange(i, min(n, i + batch))
+        img, pos = slice_inputs(vol, z, size)
+        x, p = torch.from_numpy(img).to(device), torch.from_numpy(pos).to(device)
+        probs = sum(torch.softmax(net(x, p).float(), 1) for net in nets).cpu().numpy()
+        out[z] = resize_stack(probs, (h, w)).argmax(1)
+    return out
+
+
+def organ_dsc(pred: np.ndarray, gt: np.ndarray) -> dict[int, float]:
+    """DSC of every organ present in the ground truth (the project's scorer's Dice)."""
+    return {o: dice(gt == o, pred == o) for o in ORGANS if (gt == o).any()}
+
+
+def validate(nets, vols: list[Volume], size: int, device) -> dict:
+    for n in nets:
+        n.eval()
+    per_organ: dict[int, list[float]] = {}
+    for v in vols:
+        pred = predict_volume_probs(nets, v, size, device)
+        for o, d in organ_dsc(pred, np.asarray(v.labels)).items():
+            per_organ.setdefault(o, []).append(d)
+    for n in nets:
+        n.train()
+    means = {o: float(np.mean(d)) for o, d in sorted(per_organ.items())}
+    return {"mean_dsc": float(np.mean(list(means.values()))) if means else 0.0, "per_organ": means}
+
+
+def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = None, progress: bool = True) -> dict:
+    out_dir = Path(out_dir)
+    info = T.setup_distributed(cfg.device)
+    if resume:
+        state = T.load_checkpoint(resume, KIND)
+        cfg = ReferenceTrainConfig(**{**state["config"], "milestones": tuple(state["config"]["milestones"])})
+    T.seed_everything(cfg.seed + info.rank)
+    size = REFERENCE_CONFIGS[cfg.model].image_size
+    cache = cfg.cache_dir or None
+    labelled = load_folder(cfg.labelled, labelled=True, cache_dir=cache)
+    unlabelled = load_folder(cfg.unlabelled, labelled=False, cache_dir=cache) if cfg.unlabelled else []
+    val = load_folder(cfg.val, labelled=True, cache_dir=cache) if cfg.val else []
+
+    net_a, net_b = build_reference_pair(cfg.model)  # two architectures, two initialisations
+    nets = [net_a.to(info.device), net_b.to(info.device)]
+    opts = [torch.optim.AdamW(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for n in nets]
+    scheds = [T.multistep_lr(o, cfg.iterations, cfg.milestones) for o in opts]
+    use_amp = cfg.amp and info.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)  # one scaler, two optimisers
+    start, best = 0, -1.0
+    if resume:
+        for key, n in zip("ab", nets):
+            n.load_state_dict(state["models"][key])
+        for key, o, s in zip("ab", opts, scheds):
+            o.load_state_dict(state["optimizers"][key])
+            s.load_state_dict(state["schedulers"][key])
+        if state["scalers"]:
+            scaler.load_state_dict(state["scalers"]["pair"])
+        start, best = state["iteration"], state["best"] if state["best"] is not None else -1.0
+        T.restore_rng(state)
+        sampler_state = state["extra"].get("sampler")
+    else:
+        sampler_state = None
+    if info.world > 1:
+        nets = [DDP(n) for n in nets]
+
+    weights = slice_weights(labelled, cfg.small_organ_boost) if cfg.small_organ_boost > 0 else None
+    lab_sampler = SliceSampler(labelled, weights, cfg.seed * 1000 + info.rank)
+    unl_sampler = SliceSampler(unlabelled, None, cfg.seed * 1000 + 500 + info.rank) if unlabelled else None
+    if sampler_state:
+        lab_sampler.rng.bit_generator.state = sampler_state["lab"]
+        if unl_sampler and sampler_state.get("unl"):
+            unl_sampler.rng.bit_generator.state = sampler_state["unl"]
+    aug = AugmentConfig() if cfg.augment else None
+    sup_loss = DiceCELoss(label_smoothing=cfg.label_smoothing)
+    log = T.JsonLog(out_dir / "log.jsonl", info.main)
+    if info.main and not resume:
+        log.write(event="start", config=dataclasses.asdict(cfg), world=info.world, device=str(info.device))
+    bar = T.progress(cfg.iterations, start, disable=not (progress and info.main), desc="reference")
+    last = {}
+    t0 = time.time()
+    for it in range(start, cfg.iterations):
+        x, pos, y = lab_sampler.batch(cfg.batch_labelled, size, aug, with_labels=True)
+        if unl_sampler is not None:
+            xu, posu = unl_sampler.batch(cfg.batch_unlabelled, size, aug, with_labels=False)
+            x_all, pos_all = np.concatenate([x, xu]), np.concatenate([pos, posu])
+        else:
+            x_all, pos_all = x, pos
+        xt = torch.from_numpy(x_all).to(info.device)
+        pt = torch.from_numpy(pos_all).to(info.device)
+        yt = torch.from_numpy(y).to(info.device)
+        nl = len(y)
+        with T.autocast(info.device, use_amp):
+            logits = [n(xt, pt) for n in nets]
+            sup = [sup_loss(lg[:nl].float(), yt) for lg in logits]
+            w = cps_rampup(it, cfg)
+            pseudo = [lg.detach().argmax(1) for lg in logits]
+            if cfg.cps_loss == "ce":
+                cps = [F.cross_entropy(logits[0].float(), pseudo[1]), F.cross_entropy(logits[1].float(), pseudo[0])]
+            else:
+                cps = [soft_dice_loss(logits[0], pseudo[1]), soft_dice_loss(logits[1], pseudo[0])]
+            loss = sup[0] + sup[1] + w * (cps[0] + cps[1])
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        for n, o in zip(nets, opts):
+            scaler.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(n.parameters(), cfg.grad_clip)
+            scaler.step(o)
+        scaler.update()
+        for s in scheds:
+            s.step()
+        bar.update(1)
+        last = {"loss": loss.item(), "sup_a": sup[0].item(), "sup_b": sup[1].item(),
+                "cps": (cps[0] + cps[1]).item(), "cps_weight": w}
+        if info.main and ((it + 1) % cfg.log_every == 0 or it == start):
+            log.write(event="train", iteration=it + 1, lr=opts[0].param_groups[0]["lr"], **last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+        is_last = it + 1 == cfg.iterations
+        if val and info.main and ((it + 1) % cfg.val_every == 0 or is_last):
+            res = validate([T.unwrap(n) for n in nets], val, size, info.device)
+            log.write(event="val", iteration=it + 1, **res)
+            if res["mean_dsc"] > best:
+                best = res["mean_dsc"]
+                _save(out_dir / "best.pt", cfg, it + 1, nets, opts, scheds, scaler, best, lab_sampler, unl_sampler)
+        if info.main and ((it + 1) % cfg.val_every == 0 or is_last):
+            _save(out_dir / "last.pt", cfg, it + 1, nets, opts, scheds, scaler, best, lab_sampler, unl_sampler)
+    bar.close()
+    if info.main and not val:  # no validation set: the last checkpoint is the one to export
+        (out_dir / "best.pt").write_bytes((out_dir / "last.pt").read_bytes())
+    summary = {"iterations": cfg.iterations, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
+               "checkpoint": str(out_dir / "best.pt")}
+    log.write(event="end", **summary)
+    return summary
+
+
+def _save(path, cfg, it, nets, opts, scheds, scaler, best, lab_sampler, unl_sampler):
+    T.save_checkpoint(
+        path, kind=KIND, config=cfg, iteration=it,
+        models={"a": nets[0], "b": nets[1]}, optimizers={"a": opts[0], "b": opts[1]},
+        schedulers={"a": scheds[0], "b": scheds[1]}, scalers={"pair": scaler}, best=best,
+        extra={"sampler": {"lab": lab_sampler.rng.bit_generator.state,
+                           "unl": unl_sampler.rng.bit_generator.state if unl_sampler else None}},
+    )
+
+
+def load_pair(checkpoint: str | Path):
+    """(net_a, net_b, config) from a reference checkpoint, in eval mode on the CPU."""
+    state = T.load_checkpoint(checkpoint, KIND)
+    cfg = state["config"]
+    a, b = build_reference_pair(cfg["model"])
+    a.load_state_dict(state["models"]["a"])
+    b.load_state_dict(state["models"]["b"])
+    return a.eval(), b.eval(), state
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--labelled", required=True, help="FLARE folder with images/ and labels/")
+    p.add_argument("--unlabelled", default="", help="FLARE folder with images/ only (CPS input)")
+    p.add_argument("--val", default="", help="labelled FLARE folder for validation")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl")
+    p.add_argument("--config", default="tiny", choices=sorted(REFERENCE_CONFIGS), help="network configuration")
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--batch-labelled", type=int, default=2)
+    p.add_argument("--batch-unlabelled", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--cps-weight", type=float, default=1.5)
+    p.add_argument("--cps-loss", choices=("dice", "ce"), default="dice")
+    p.add_argument("--small-organ-boost", type=float, default=3.0,
+                   help="extra sampling weight of slices showing a small organ (0: uniform)")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--cache-dir", default="", help="decoded-volume cache (default $FLARE22_CACHE or ~/.cache/flare22)")
+    p.add_argument("--resume", help="checkpoint to continue from (its config wins)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    cfg = ReferenceTrainConfig(
+        model=args.config, iterations=args.iterations, batch_labelled=args.batch_labelled,
+        batch_unlabelled=args.batch_unlabelled, lr=args.lr, cps_weight=args.cps_weight, cps_loss=args.cps_loss,
+        small_organ_boost=args.small_organ_boost, augment=not args.no_augment, val_every=args.val_every,
+        seed=args.seed, device=args.device, labelled=args.labelled, unlabelled=args.unlabelled, val=args.val,
+        cache_dir=args.cache_dir,
+    )
+    summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"reference training done: best validation mean DSC {summary['best_val_dsc']:.4f}; {summary['checkpoint']}")
+    return 0
