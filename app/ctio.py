@@ -277,6 +277,7 @@ def atomic_write_image(img: sitk.Image, out_path: str | os.PathLike, *, compress
     os.close(fd)
     try:
         sitk.WriteImage(img, tmp, useCompression=compress)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600: readable by whoever reads the outputs
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):
