@@ -23,11 +23,13 @@ test-fast: setup
 demo: setup
 	$(BIN)/python -m training.demo --out demo
 
+BUNDLE ?= demo/bundle
 image:
-	docker build -t flare22:latest .
+	docker build --build-arg BUNDLE=$(BUNDLE) -t flare22:latest .
 
 lint: setup
 	$(BIN)/hadolint Dockerfile
+	sh -n predict.sh
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache
