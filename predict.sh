@@ -17,5 +17,8 @@ if [ -z "$python" ]; then
   if [ -x "$home/.venv/bin/python" ]; then python="$home/.venv/bin/python"; else python=python3; fi
 fi
 PYTHONPATH="$home${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONPATH
+# ONNX Runtime runs the networks on its own thread pool; numpy's BLAS (slice resizing)
+# competing with it for the same cores slowed small cases several-fold.
+OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
+export PYTHONPATH OPENBLAS_NUM_THREADS
 exec "$python" -m app.cli predict -i "$input" -o "$output" --bundle "$bundle" "$@"

@@ -117,7 +117,11 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True) -> Bundl
         f = path / rel
         if not f.exists():
             raise BundleError(path, f"file {rel} is missing")
-        if verify_hashes and sha256_file(f) != digest:
+        try:
+            actual = sha256_file(f) if verify_hashes else digest
+        except OSError as exc:
+            raise BundleError(path, f"file {rel} cannot be read ({exc.strerror})") from None
+        if actual != digest:
             raise BundleError(path, f"file {rel} does not match its sha256 (damaged or replaced)")
     h, w = manifest["input_size"]
     if h % manifest["stride"] or w % manifest["stride"]:

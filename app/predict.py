@@ -236,9 +236,9 @@ def predict_folder(
     if not input_dir.is_dir():
         raise Flare22Error(f"input folder {input_dir} does not exist")
     bundle = load_bundle(bundle_path)
-    output_dir.mkdir(parents=True, exist_ok=True)
     probe = output_dir / f".flare22-write-test-{os.getpid()}"
     try:
+        output_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

@@ -177,13 +177,15 @@ class PropagationStats:
     value_encodes: int = 0
     decodes: int = 0
     decoded_cells: int = 0  # sum over decodes of window area, in key-grid cells
+    value_cells: int = 0  # likewise for value encodes
+    skip_cells: int = 0  # key-grid cells of the slices whose skip features were computed
     full_cells: int = 0  # what the same decodes would cost on the full frame
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in ("key_encodes", "skip_encodes", "value_encodes", "decodes",
-                                            "decoded_cells", "full_cells")}
+                                            "decoded_cells", "value_cells", "skip_cells", "full_cells")}
         d["seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
         d["calls"] = dict(self.calls)
         return d
@@ -233,6 +235,7 @@ class PropagationEngine:
             with _Timer(self.stats, "skip"):
                 feats["s8"], feats["s4"] = self.backend.skip_features(feats["f8"], feats["f4"])
             self.stats.skip_encodes += 1
+            self.stats.skip_cells += self._grid[0] * self._grid[1]
             del feats["f8"], feats["f4"]
         return feats["s8"], feats["s4"]
 
@@ -281,6 +284,7 @@ class PropagationEngine:
                 dev(np.ascontiguousarray(self._crop(others, win, s)[None], dtype=np.float32)),
             )
         self.stats.value_encodes += 1
+        self.stats.value_cells += (win[1] - win[0]) * (win[3] - win[2])
         keys = self._crop(feats["key"][0], win, 1)
         return _Frame(keys.reshape(keys.shape[0], -1), values.reshape(values.shape[0], values.shape[1], -1), False)
 

@@ -282,6 +282,25 @@ def read_parity(net: STCN, ch: dict, top_k: int, seed: int) -> dict:
             "cases": _parity_cases("stcn_read"), "ok": worst <= ATOL}
 
 
+def count_macs(name: str, module: nn.Module, hw, ch, seed: int = 0) -> dict:
+    """Multiply-adds of a graph, normalised to the unit the appliance counts it in."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rng = np.random.default_rng(seed)
+    b, o, cells = 2, 2, (4, 4)
+    xs = sample_inputs(name, hw, ch, rng, b=b, o=o, cells=cells)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(*[torch.from_numpy(x) for x in xs])
+    macs = counter.get_total_flops() / 2
+    n_cells = cells[0] * cells[1]
+    unit = {"reference": ("slice", b), "stcn_key": ("slice", b), "stcn_skip": ("cell", b * n_cells),
+            "stcn_value": ("organ_cell", o * n_cells), "stcn_decode": ("organ_cell", o * n_cells)}.get(name)
+    if unit is None:
+        return {}
+    return {"per": unit[0], "macs": macs / unit[1]}
+
+
 def print_parity(rows: list[dict], file=sys.stdout) -> None:
     print(f"{'graph':<28} {'max |diff|':>12} {'tolerance':>10} {'argmax':>9}  ok", file=file)
     for r in rows:
@@ -368,6 +387,11 @@ def export_bundle(
         if fp16 and to_fp16(out / onnx_file, out / f"{name}.fp16.onnx"):
             g["onnx_fp16"] = f"{name}.fp16.onnx"
             parity.append(check_parity(name, module, out / g["onnx_fp16"], hw, ch, seed + 2, fp16=True))
+        if name == "stcn_read":  # top_k is baked in: the graph needs N >= top_k memory entries
+            g["requires"] = f"N >= {prop.top_k}; the appliance reads memory in numpy (app.propagation)"
+        cost = count_macs(name, module, hw, ch)
+        if cost:
+            g["cost"] = cost
         if programs and export_program(module, example, spec, out / f"{name}.pt2"):
             g["torch"] = f"{name}.pt2"
         graphs[name] = g
@@ -385,6 +409,7 @@ def export_bundle(
 
     for fname, sd in weights.items():
         save_file({k: v.contiguous() for k, v in sd.items()}, str(out / fname))
+        (out / fname).chmod(0o644)  # safetensors writes 0600: unreadable by the image's non-root user
 
     import onnx
     import onnxruntime

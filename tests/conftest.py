@@ -27,3 +27,26 @@ def shared_data() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A `tiny` random-weight bundle with torch.export programs, exported once per session
+    (about 20-30 s): the appliance's tests run real ONNX graphs without any checkpoint."""
+    from export.bundle import export_bundle
+
+    return export_bundle(tmp_path_factory.mktemp("bundle") / "tiny", ref_config="tiny", stcn_config="tiny",
+                         seed=0, programs=True, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def phantom_cases(tmp_path_factory) -> Path:
+    """A FLARE case folder of three small phantom CTs (no labels): ``Phantom_0001`` and
+    ``Phantom_0002`` in the canonical orientation, ``Rot_0001`` in a random axis-aligned one.
+    Returns the ``images`` folder."""
+    from app.phantom import write_dataset
+
+    root = tmp_path_factory.mktemp("phantoms")
+    write_dataset(root, 2, seed=0, shape_zyx=(24, 48, 48), unlabeled=True)
+    write_dataset(root, 1, seed=1, shape_zyx=(24, 48, 48), prefix="Rot", unlabeled=True, random_orientation=True)
+    return root / "images"

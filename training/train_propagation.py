@@ -143,7 +143,9 @@ def evaluate(net, vols: list[Volume], size: int, device, prop: PropagationConfig
             "seconds": secs}
 
 
-def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progress: bool = True) -> dict:
+def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progress: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Train; ``stop_after`` ends the run early (after saving), as an interruption would."""
     out_dir = Path(out_dir)
     info = T.setup_distributed(cfg.device)
     if resume:
@@ -201,7 +203,8 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
         if info.main and ((it + 1) % cfg.log_every == 0 or it == start):
             log.write(event="train", iteration=it + 1, lr=opt.param_groups[0]["lr"], **last)
             bar.set_postfix(loss=f"{last['loss']:.3f}")
-        is_last = it + 1 == cfg.iterations
+        stopping = stop_after is not None and it + 1 >= stop_after
+        is_last = it + 1 == cfg.iterations or stopping
         if info.main and ((it + 1) % cfg.val_every == 0 or is_last):
             if val:
                 net.eval()
@@ -212,8 +215,10 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
                     best = res["mean_dsc"]
                     _save(out_dir / "best.pt", cfg, it + 1, net, opt, sched, scaler, best, sampler)
             _save(out_dir / "last.pt", cfg, it + 1, net, opt, sched, scaler, best, sampler)
+        if stopping:
+            break
     bar.close()
-    if info.main and not val:
+    if info.main and not val and not stop_after:
         (out_dir / "best.pt").write_bytes((out_dir / "last.pt").read_bytes())
     summary = {"iterations": cfg.iterations, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
                "checkpoint": str(out_dir / "best.pt")}

@@ -97,7 +97,9 @@ def validate(nets, vols: list[Volume], size: int, device) -> dict:
     return {"mean_dsc": float(np.mean(list(means.values()))) if means else 0.0, "per_organ": means}
 
 
-def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = None, progress: bool = True) -> dict:
+def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = None, progress: bool = True,
+          stop_after: int | None = None) -> dict:
+    """Train; ``stop_after`` ends the run early (after saving), as an interruption would."""
     out_dir = Path(out_dir)
     info = T.setup_distributed(cfg.device)
     if resume:
@@ -185,7 +187,8 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
         if info.main and ((it + 1) % cfg.log_every == 0 or it == start):
             log.write(event="train", iteration=it + 1, lr=opts[0].param_groups[0]["lr"], **last)
             bar.set_postfix(loss=f"{last['loss']:.3f}")
-        is_last = it + 1 == cfg.iterations
+        stopping = stop_after is not None and it + 1 >= stop_after
+        is_last = it + 1 == cfg.iterations or stopping
         if val and info.main and ((it + 1) % cfg.val_every == 0 or is_last):
             res = validate([T.unwrap(n) for n in nets], val, size, info.device)
             log.write(event="val", iteration=it + 1, **res)
@@ -194,8 +197,10 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
                 _save(out_dir / "best.pt", cfg, it + 1, nets, opts, scheds, scaler, best, lab_sampler, unl_sampler)
         if info.main and ((it + 1) % cfg.val_every == 0 or is_last):
             _save(out_dir / "last.pt", cfg, it + 1, nets, opts, scheds, scaler, best, lab_sampler, unl_sampler)
+        if stopping:
+            break
     bar.close()
-    if info.main and not val:  # no validation set: the last checkpoint is the one to export
+    if info.main and not val and not stop_after:  # no validation set: the last checkpoint is the one to export
         (out_dir / "best.pt").write_bytes((out_dir / "last.pt").read_bytes())
     summary = {"iterations": cfg.iterations, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
                "checkpoint": str(out_dir / "best.pt")}

@@ -1,0 +1,237 @@
+"""Benchmark: the full pipeline against the dense baseline on 512 x 512 x N phantoms.
+
+    flare22 benchmark --bundle BUNDLE [--sizes 100 200 400] [--out DIR]
+    flare22 benchmark --config tiny|paper ...   # a random-weight bundle exported on the spot
+    flare22 benchmark --quick                   # CI: tiny bundle, small phantoms, < 1 min
+
+For every N, in one run and side by side: (a) the full pipeline (reference on k sampled
+slices, selection, propagation); (b) the dense baseline (the CPS pair on every slice, no
+propagation); optionally (c) the same pipeline on the torch backend (eager) and (d) the
+published propagation (every organ on every slice, full frame, both directions) with each
+of the project's cost switches turned on one after the other.
+
+Per stage (read, reference, selection, key encoding, skip features, value encoding, memory
+read, decoding, compose, write): seconds, share of the total and the number of calls;
+slices per second; peak RSS and the FLARE figures from app.efficiency; and a cost model:
+multiply-adds per stage from the bundle's manifest (counted at export) times the calls and
+window areas the engine reports, next to the measured time, with the implied throughput.
+The fitted slope of time against N and the peak memory at each N show how cost grows.
+
+Random weights say little about how far a trained network propagates an organ before it
+vanishes, so the propagation's share measured with a random bundle is not the trained
+one: give a trained bundle (``make demo`` exports one) for figures that mean something.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, load_bundle
+from .ctio import read_ct, write_labels
+from .efficiency import ResourceMonitor
+from .predict import PredictOptions, Predictor
+
+log = logging.getLogger("flare22")
+
+STAGES = ("read", "reference", "selection", "key_encode", "skip", "value_encode", "read_memory", "decode",
+          "aggregate", "compose", "write")
+
+
+def _phantom(n: int, hw: int, seed: int):
+    from .phantom import generate
+
+    return generate(seed, (n, hw, hw))
+
+
+def _macs(bundle: Bundle, name: str) -> float:
+    return float(bundle.graph(name).get("cost", {}).get("macs", 0.0))
+
+
+def cost_model(bundle: Bundle, report: dict, num_slices: int) -> dict:
+    """Counted multiply-adds per stage (GMAC) for one pipeline run."""
+    g = {}
+    if report["mode"] == "dense":
+        g["reference"] = _macs(bundle, "reference") * num_slices
+    else:
+        g["reference"] = _macs(bundle, "reference") * len(report.get("sampled", []))
+        st = report.get("propagation", {})
+        g["key_encode"] = _macs(bundle, "stcn_key") * st.get("key_encodes", 0)
+        g["skip"] = _macs(bundle, "stcn_skip") * st.get("skip_cells", 0)
+        g["value_encode"] = _macs(bundle, "stcn_value") * st.get("value_cells", 0)
+        g["decode"] = _macs(bundle, "stcn_decode") * st.get("decoded_cells", 0)
+    return {k: v / 1e9 for k, v in g.items()}
+
+
+def run_once(predictor: Predictor, path: Path, out_dir: Path) -> dict:
+    """One case through read -> predict -> write, with the monitor running."""
+    mon = ResourceMonitor(gpu=None, interval_s=0.1)
+    t_start = time.perf_counter()
+    with mon:
+        t0 = time.perf_counter()
+        volume, props = read_ct(path)
+        t_read = time.perf_counter() - t0
+        labels, report = predictor.predict_volume(volume)
+        t0 = time.perf_counter()
+        write_labels(labels, props, out_dir / f"{path.name.replace('_0000.nii.gz', '')}.nii.gz")
+        t_write = time.perf_counter() - t0
+    total = time.perf_counter() - t_start
+    figures = mon.figures(total).to_dict()
+    stages = {"read": t_read, **report["timings"], "write": t_write}
+    prop = report.get("propagation", {})
+    if prop:
+        stages.pop("propagation", None)
+        for k, v in prop.get("seconds", {}).items():
+            stages[k] = v
+        other = report["timings"]["propagation"] - sum(prop.get("seconds", {}).values())
+        stages["propagation_other"] = max(0.0, other)
+    return {"seconds": total, "stages": stages, "calls": prop.get("calls", {}), "report": report,
+            "figures": figures, "peak_rss_mb": figures.get("RSS_Max")}
+
+
+def _variants(args) -> list[tuple[str, PredictOptions]]:
+    base = dict(batch=args.batch, device="cpu", threads=args.threads)
+    v = [("full", PredictOptions(mode="propagate", **base)), ("dense", PredictOptions(mode="dense", **base))]
+    if args.torch:
+        v.append(("full-torch", PredictOptions(mode="propagate", backend="torch", **base)))
+        v.append(("dense-torch", PredictOptions(mode="dense", backend="torch", **base)))
+    return v
+
+
+def _ablation() -> list[tuple[str, dict]]:
+    """The published propagation, then each cost switch turned on in turn."""
+    pub = {"skip_absent": False, "early_stop": False, "crop": False}
+    return [
+        ("published", pub),
+        ("+skip absent organs", {**pub, "skip_absent": True}),
+        ("+stop vanished organs", {**pub, "skip_absent": True, "early_stop": True}),
+        ("+organ windows (= full)", {}),
+    ]
+
+
+def benchmark(bundle: Bundle, sizes, out_dir: Path, args) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hw = args.in_plane
+    results = {"bundle": str(bundle.path), "sources": bundle.manifest.get("sources", {}),
+               "input_size": bundle.input_size, "in_plane": hw, "sizes": list(sizes), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        predictors = {name: Predictor(bundle, opt) for name, opt in _variants(args)}
+        for n in sizes:
+            case = _phantom(n, hw, args.seed)
+            img, _ = case.images()
+            path = tmp / f"Bench_{n:04d}_0000.nii.gz"
+            import SimpleITK as sitk
+
+            sitk.WriteImage(img, str(path), useCompression=True)
+            del case
+            for name, pred in predictors.items():
+                r = run_once(pred, path, tmp)
+                r.update(variant=name, num_slices=n, gmac=cost_model(bundle, r["report"], n))
+                r["report"] = {k: r["report"][k] for k in ("sampled", "references") if k in r["report"]}
+                results["runs"].append(r)
+                log.info("N=%d %-12s %7.1f s", n, name, r["seconds"])
+            if args.ablation and n == sizes[0]:
+                for label, overrides in _ablation():
+                    pred = Predictor(bundle, PredictOptions(mode="propagate", batch=args.batch, device="cpu",
+                                                            threads=args.threads, propagation=overrides))
+                    r = run_once(pred, path, tmp)
+                    r.update(variant=f"ablation: {label}", num_slices=n, gmac=cost_model(bundle, r["report"], n))
+                    r["report"] = {}
+                    results["runs"].append(r)
+                    log.info("N=%d %-28s %7.1f s", n, label, r["seconds"])
+            path.unlink()
+    results["fits"] = fits(results["runs"])
+    (out_dir / "benchmark.json").write_text(json.dumps(results, indent=1, default=float))
+    md = markdown(results)
+    (out_dir / "benchmark.md").write_text(md)
+    return results
+
+
+def fits(runs: list[dict]) -> dict:
+    out = {}
+    for variant in sorted({r["variant"] for r in runs if not r["variant"].startswith("ablation")}):
+        rs = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["num_slices"])
+        n = np.array([r["num_slices"] for r in rs], float)
+        t = np.array([r["seconds"] for r in rs], float)
+        slope, icpt = (np.polyfit(n, t, 1) if len(n) > 1 else (t[0] / n[0], 0.0))
+        out[variant] = {"seconds_per_slice": float(slope), "intercept_s": float(icpt),
+                        "peak_rss_mb": {int(r["num_slices"]): r["peak_rss_mb"] for r in rs}}
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# flare22 benchmark\n", f"bundle `{res['bundle']}`, model input {res['input_size']}, "
+             f"phantoms {res['in_plane']} x {res['in_plane']} x N\n"]
+    src = res.get("sources", {})
+    if any(v.get("random_weights") for v in src.values()):
+        lines.append("**Random weights**: propagation extents are not those of a trained network.\n")
+    lines.append("| N | variant | seconds | slices/s | full/dense | GMAC | GMAC/s | peak RSS MB | CPU AUC |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    dense = {r["num_slices"]: r["seconds"] for r in res["runs"] if r["variant"] == "dense"}
+    for r in res["runs"]:
+        g = sum(r["gmac"].values())
+        ratio = r["seconds"] / dense[r["num_slices"]] if r["num_slices"] in dense else float("nan")
+        lines.append(f"| {r['num_slices']} | {r['variant']} | {r['seconds']:.2f} | {r['num_slices'] / r['seconds']:.1f} | "
+                     f"{ratio:.2f} | {g:.1f} | {g / r['seconds']:.1f} | {r['peak_rss_mb'] or 0:.0f} | "
+                     f"{r['figures'].get('AUC_CPU_Time', 0):.0f} |")
+    lines.append("\n## Stages of the full pipeline\n")
+    lines.append("| N | stage | seconds | share | calls | GMAC | GMAC/s |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in res["runs"]:
+        if r["variant"] != "full":
+            continue
+        for s, sec in r["stages"].items():
+            g = r["gmac"].get(s)
+            lines.append(f"| {r['num_slices']} | {s} | {sec:.3f} | {100 * sec / r['seconds']:.1f}% | "
+                         f"{r['calls'].get(s, '')} | {'' if g is None else f'{g:.1f}'} | "
+                         f"{'' if not g or not sec else f'{g / sec:.1f}'} |")
+    lines.append("\n## Growth with N\n")
+    lines.append("| variant | seconds per slice (fit) | intercept s | peak RSS MB by N |")
+    lines.append("|---|---|---|---|")
+    for v, f in res["fits"].items():
+        mem = ", ".join(f"{k}: {v2:.0f}" for k, v2 in f["peak_rss_mb"].items() if v2)
+        lines.append(f"| {v} | {f['seconds_per_slice']:.3f} | {f['intercept_s']:.2f} | {mem} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--bundle", help="model bundle; or --config to export random weights on the spot")
+    p.add_argument("--config", choices=("tiny", "paper"), help="random-weight bundle of this configuration")
+    p.add_argument("--sizes", type=int, nargs="+", default=[100, 200, 400], help="slice counts N")
+    p.add_argument("--in-plane", type=int, default=512, help="phantom in-plane size")
+    p.add_argument("--out", default="bench/out/benchmark", help="folder for benchmark.md / benchmark.json")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--torch", action="store_true", help="also run the torch (eager) backend")
+    p.add_argument("--ablation", action="store_true", help="published propagation and each cost switch (smallest N)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="CI: tiny random bundle, small phantoms, under a minute")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:
+            args.config = args.config or "tiny"
+            args.sizes, args.in_plane = [16, 32], 128
+        if args.bundle:
+            bundle = load_bundle(args.bundle)
+        elif args.config:
+            from export.bundle import export_bundle  # needs torch: a development machine
+
+            bundle = load_bundle(export_bundle(Path(tmp) / "bundle", ref_config=args.config,
+                                               stcn_config=args.config, programs=False, quiet=True))
+        else:
+            print("flare22 benchmark: give --bundle or --config", file=sys.stderr)
+            return 2
+        res = benchmark(bundle, sorted(args.sizes), Path(args.out), args)
+    print(markdown(res))
+    print(f"wrote {Path(args.out) / 'benchmark.md'} and benchmark.json")
+    return 0
