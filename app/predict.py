@@ -69,14 +69,20 @@ class PredictOptions:
 class Predictor:
     """A loaded bundle and its backends; ``predict_volume`` runs one canonical CT."""
 
-    def __init__(self, bundle: Bundle, options: PredictOptions | None = None):
+    def __init__(self, bundle: Bundle, options: PredictOptions | None = None, backends: tuple | None = None):
+        """``backends`` = (reference, stcn, info) already built (the GPU script passes live
+        torch networks); by default they are loaded from the bundle's graphs."""
         self.bundle = bundle
         self.opt = options or PredictOptions()
         self.hw = bundle.input_size
         self.windows = bundle.windows
         self.sampling = bundle.manifest["sampling"]
         self.num_organs = bundle.num_classes - 1
-        self._load(self.opt.device)
+        if backends is None:
+            self._load(self.opt.device)
+        else:
+            self.reference, self.stcn, self.info = backends
+            self.device = self.opt.device
 
     def _load(self, device: str) -> None:
         self.reference, self.stcn, self.info = load_backends(

@@ -415,16 +415,7 @@ def export_bundle(
     import onnxruntime
 
     manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "classes": {str(i): n for i, n in enumerate(CLASS_NAMES)},
-        "windows": [w.to_json() for w in DEFAULT_WINDOWS],
-        "input_size": list(hw),
-        "stride": 16,
-        "position_encoding": "relative_z_plane: z / num_slices as a constant plane before the segmentation head",
-        "sampling": sampling or {"every": 5, "max": 64},
-        "selection": "largest_area",
-        "propagation": prop.to_json(),
+        **base_manifest(hw, prop, sampling),
         "graphs": graphs,
         "weights": {"reference_a": "reference_a.safetensors", "reference_b": "reference_b.safetensors",
                     "stcn": "stcn.safetensors"},
@@ -440,6 +431,22 @@ def export_bundle(
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     load_bundle(out)  # the appliance's own validation, once, before anyone relies on it
     return out
+
+
+def base_manifest(hw, prop: PropagationConfig | None = None, sampling: dict | None = None) -> dict:
+    """The model constants of a bundle (everything but graphs, files and provenance)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "classes": {str(i): n for i, n in enumerate(CLASS_NAMES)},
+        "windows": [w.to_json() for w in DEFAULT_WINDOWS],
+        "input_size": list(hw),
+        "stride": 16,
+        "position_encoding": "relative_z_plane: z / num_slices as a constant plane before the segmentation head",
+        "sampling": sampling or {"every": 5, "max": 64},
+        "selection": "largest_area",
+        "propagation": (prop or PropagationConfig()).to_json(),
+    }
 
 
 def bundle_size(path: str | Path) -> dict:

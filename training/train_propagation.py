@@ -51,6 +51,7 @@ class PropagationTrainConfig:
     amp: bool = True
     seed: int = 0
     val_every: int = 500
+    max_minutes: float = 0.0  # > 0: stop (and save) once this much wall time has passed
     log_every: int = 20
     device: str = "auto"
     labelled: str = ""
@@ -203,7 +204,8 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
         if info.main and ((it + 1) % cfg.log_every == 0 or it == start):
             log.write(event="train", iteration=it + 1, lr=opt.param_groups[0]["lr"], **last)
             bar.set_postfix(loss=f"{last['loss']:.3f}")
-        stopping = stop_after is not None and it + 1 >= stop_after
+        stopping = (stop_after is not None and it + 1 >= stop_after) or (
+            cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes)
         is_last = it + 1 == cfg.iterations or stopping
         if info.main and ((it + 1) % cfg.val_every == 0 or is_last):
             if val:
@@ -220,7 +222,7 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
     bar.close()
     if info.main and not val and not stop_after:
         (out_dir / "best.pt").write_bytes((out_dir / "last.pt").read_bytes())
-    summary = {"iterations": cfg.iterations, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
+    summary = {"iterations": it + 1 if cfg.iterations > start else start, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
                "checkpoint": str(out_dir / "best.pt")}
     log.write(event="end", **summary)
     return summary
@@ -248,6 +250,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this much wall time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache-dir", default="")
@@ -257,7 +260,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     cfg = PropagationTrainConfig(model=args.config, iterations=args.iterations, batch=args.batch, lr=args.lr,
-                                 val_every=args.val_every, seed=args.seed, device=args.device,
+                                 val_every=args.val_every, max_minutes=args.max_minutes, seed=args.seed, device=args.device,
                                  labelled=args.labelled, val=args.val, cache_dir=args.cache_dir)
     s = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"propagation training done: best validation mean DSC {s['best_val_dsc']:.4f}; {s['checkpoint']}")

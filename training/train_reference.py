@@ -51,6 +51,7 @@ class ReferenceTrainConfig:
     amp: bool = True
     seed: int = 0
     val_every: int = 500
+    max_minutes: float = 0.0  # > 0: stop (and save) once this much wall time has passed
     log_every: int = 20
     device: str = "auto"
     labelled: str = ""
@@ -187,7 +188,8 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
         if info.main and ((it + 1) % cfg.log_every == 0 or it == start):
             log.write(event="train", iteration=it + 1, lr=opts[0].param_groups[0]["lr"], **last)
             bar.set_postfix(loss=f"{last['loss']:.3f}")
-        stopping = stop_after is not None and it + 1 >= stop_after
+        stopping = (stop_after is not None and it + 1 >= stop_after) or (
+            cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes)
         is_last = it + 1 == cfg.iterations or stopping
         if val and info.main and ((it + 1) % cfg.val_every == 0 or is_last):
             res = validate([T.unwrap(n) for n in nets], val, size, info.device)
@@ -202,7 +204,7 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
     bar.close()
     if info.main and not val and not stop_after:  # no validation set: the last checkpoint is the one to export
         (out_dir / "best.pt").write_bytes((out_dir / "last.pt").read_bytes())
-    summary = {"iterations": cfg.iterations, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
+    summary = {"iterations": it + 1 if cfg.iterations > start else start, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
                "checkpoint": str(out_dir / "best.pt")}
     log.write(event="end", **summary)
     return summary
@@ -244,6 +246,7 @@ def add_arguments(p) -> None:
                    help="extra sampling weight of slices showing a small organ (0: uniform)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this much wall time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache-dir", default="", help="decoded-volume cache (default $FLARE22_CACHE or ~/.cache/flare22)")
@@ -255,7 +258,7 @@ def run(args) -> int:
     cfg = ReferenceTrainConfig(
         model=args.config, iterations=args.iterations, batch_labelled=args.batch_labelled,
         batch_unlabelled=args.batch_unlabelled, lr=args.lr, cps_weight=args.cps_weight, cps_loss=args.cps_loss,
-        small_organ_boost=args.small_organ_boost, augment=not args.no_augment, val_every=args.val_every,
+        small_organ_boost=args.small_organ_boost, augment=not args.no_augment, val_every=args.val_every, max_minutes=args.max_minutes,
         seed=args.seed, device=args.device, labelled=args.labelled, unlabelled=args.unlabelled, val=args.val,
         cache_dir=args.cache_dir,
     )

@@ -1,0 +1,124 @@
+"""Learnability on phantoms (issues 3 and 4), one command per figure:
+
+    python bench/learnability.py reference   --minutes 10 [--unlabelled 0]
+    python bench/learnability.py propagation --minutes 10
+    python bench/learnability.py semi        --iterations 300      # CPS vs labelled-only
+    python bench/learnability.py real        --minutes 10          # train on TotalSegEx_0001, score 0003
+
+Data: 16 labelled phantoms of 128 x 128 x 48 (the `tiny` input size), 4 held-out; all
+drawn from fixed seeds. Scores come from the project's scorer (app.scoring) on the
+held-out volumes at their native grid. Results are printed and written as JSON under
+bench/out/learnability/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.labels import ORGANS  # noqa: E402
+from app.phantom import write_dataset  # noqa: E402
+from app.scoring import dice  # noqa: E402
+from training import train_propagation as TP  # noqa: E402
+from training import train_reference as TR  # noqa: E402
+from training.data import load_folder  # noqa: E402
+
+OUT = ROOT / "bench" / "out" / "learnability"
+SHAPE = (48, 128, 128)
+
+
+def data(n_lab=16, n_unl=16, n_val=4):
+    d = OUT / "data"
+    for name, n, seed, unl in (("lab", n_lab, 100, False), ("unl", n_unl, 200, True), ("val", n_val, 300, False)):
+        if n and not (d / name / "images").exists():
+            write_dataset(d / name, n, seed=seed, shape_zyx=SHAPE, unlabeled=unl)
+    return d
+
+
+def score_pair(ckpt, vols) -> dict:
+    import torch
+
+    a, b, state = TR.load_pair(ckpt)
+    size = state["config"] and 128
+    per = {}
+    for v in vols:
+        pred = TR.predict_volume_probs([a, b], v, size, torch.device("cpu"))
+        gt = np.asarray(v.labels)
+        for o in ORGANS:
+            if (gt == o).any():
+                per.setdefault(o, []).append(dice(gt == o, pred == o))
+    m = {o: float(np.mean(x)) for o, x in sorted(per.items())}
+    return {"mean_dsc": float(np.mean(list(m.values()))), "per_organ": m}
+
+
+def reference(args, unlabelled: bool, tag: str, n_lab=16):
+    d = data(n_lab=max(n_lab, 16))
+    lab = d / "lab" if n_lab == 16 else _subset(d / "lab", n_lab)
+    cfg = TR.ReferenceTrainConfig(model="tiny", iterations=args.iterations, lr=args.lr, batch_labelled=args.batch,
+                                  batch_unlabelled=args.batch if unlabelled else 0, labelled=str(lab),
+                                  unlabelled=str(d / "unl") if unlabelled else "", val_every=10**9,
+                                  max_minutes=args.minutes, seed=args.seed, device="cpu",
+                                  cps_weight=args.cps_weight if unlabelled else 0.0)
+    t0 = time.time()
+    s = TR.train(cfg, OUT / tag, progress=False)
+    res = score_pair(OUT / tag / "last.pt", load_folder(d / "val", labelled=True))
+    res.update(iterations=s["iterations"], train_seconds=time.time() - t0, config=vars(args), tag=tag)
+    return res
+
+
+def _subset(src: Path, n: int) -> Path:
+    dst = OUT / "data" / f"lab{n}"
+    if not dst.exists():
+        for sub in ("images", "labels"):
+            (dst / sub).mkdir(parents=True)
+            for p in sorted((src / sub).iterdir())[:n]:
+                (dst / sub / p.name).symlink_to(p)
+    return dst
+
+
+def propagation(args):
+    d = data()
+    cfg = TP.PropagationTrainConfig(model="tiny", iterations=args.iterations, lr=args.lr, batch=args.batch,
+                                    labelled=str(d / "lab"), val_every=10**9, max_minutes=args.minutes,
+                                    seed=args.seed, device="cpu")
+    t0 = time.time()
+    s = TP.train(cfg, OUT / "propagation", progress=False)
+    net, _ = TP.load_stcn(OUT / "propagation" / "last.pt")
+    res = TP.evaluate(net, load_folder(d / "val", labelled=True), 128, "cpu")
+    res.update(iterations=s["iterations"], train_seconds=time.time() - t0, config=vars(args))
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("reference", "propagation", "semi", "real"))
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--iterations", type=int, default=100000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--cps-weight", type=float, default=1.5)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.what == "reference":
+        res = reference(args, unlabelled=False, tag="reference")
+    elif args.what == "propagation":
+        res = propagation(args)
+    elif args.what == "semi":
+        res = {"cps_2_lab_16_unl": reference(args, True, "semi_cps", n_lab=2),
+               "sup_2_lab": reference(args, False, "semi_sup", n_lab=2)}
+    else:
+        raise SystemExit("real: see bench/real_ct.py")
+    (OUT / f"{args.what}.json").write_text(json.dumps(res, indent=1, default=str))
+    print(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
