@@ -100,6 +100,10 @@ class PropagationConfig:
     margin: int = 2  # cells of the key grid around the mask's bounding box
     min_cells: int = 4  # smallest window side, in cells
     key_batch: int = 8
+    # One decoder / value-encoder call for all live organs on the union of their windows
+    # (cheaper where calls cost more than the pixels: small inputs, GPUs), instead of
+    # one call per organ on its own window (cheaper where compute dominates).
+    batch_organs: bool = False
 
     @classmethod
     def published(cls, **kw) -> "PropagationConfig":
@@ -274,19 +278,36 @@ class PropagationEngine:
         return x[..., y0 * scale : y1 * scale, x0 * scale : x1 * scale]
 
     # ---- memory -------------------------------------------------------------------
-    def _encode_frame(self, feats: dict, win: Window, target: np.ndarray, others: np.ndarray) -> _Frame:
+    @staticmethod
+    def _union(wins: list[Window]) -> Window:
+        return (min(w[0] for w in wins), max(w[1] for w in wins), min(w[2] for w in wins), max(w[3] for w in wins))
+
+    def _encode_frames(self, feats: dict, items: list[tuple[Window, np.ndarray, np.ndarray]]) -> list[_Frame]:
+        """Memory frames for (window, target, others) items of one slice: one value-encoder
+        call per item, or (``batch_organs``) one call for all on the union of their windows."""
+        if not items:
+            return []
         s, dev = self._stride, self.backend.to_device
-        with _Timer(self.stats, "value_encode"):
-            values = self.backend.encode_value(
-                self._crop(feats["image"], win, s),
-                self._crop(feats["f16"], win, 1),
-                dev(np.ascontiguousarray(self._crop(target, win, s)[None], dtype=np.float32)),
-                dev(np.ascontiguousarray(self._crop(others, win, s)[None], dtype=np.float32)),
-            )
-        self.stats.value_encodes += 1
-        self.stats.value_cells += (win[1] - win[0]) * (win[3] - win[2])
-        keys = self._crop(feats["key"][0], win, 1)
-        return _Frame(keys.reshape(keys.shape[0], -1), values.reshape(values.shape[0], values.shape[1], -1), False)
+        groups = [items] if self.cfg.batch_organs else [[it] for it in items]
+        frames = []
+        for group in groups:
+            win = self._union([w for w, _, _ in group])
+            masks = np.stack([self._crop(t, win, s) for _, t, _ in group])
+            others = np.stack([self._crop(o, win, s) for _, _, o in group])
+            with _Timer(self.stats, "value_encode"):
+                values = self.backend.encode_value(
+                    self._crop(feats["image"], win, s), self._crop(feats["f16"], win, 1),
+                    dev(np.ascontiguousarray(masks, dtype=np.float32)),
+                    dev(np.ascontiguousarray(others, dtype=np.float32)),
+                )
+            self.stats.value_encodes += 1
+            area = (win[1] - win[0]) * (win[3] - win[2])
+            self.stats.value_cells += area * len(group)
+            keys = self._crop(feats["key"][0], win, 1)
+            keys = keys.reshape(keys.shape[0], -1)
+            for i in range(len(group)):
+                frames.append(_Frame(keys, values[i : i + 1].reshape(1, values.shape[1], -1), False))
+        return frames
 
     def _add_memory(self, st: _OrganState, frame: _Frame) -> None:
         st.memory.append(frame)
@@ -296,28 +317,55 @@ class PropagationEngine:
                     del st.memory[i]
                     break
 
+    def _decode(self, feats: dict, s8, s4, group: list[_OrganState]) -> list[tuple[Window, np.ndarray]]:
+        """Read memory and decode a group of organs on the union of their windows."""
+        win = self._union([st.window for st in group])
+        qk = self._crop(feats["key"][0], win, 1)
+        h, w = qk.shape[1:]
+        qk = qk.reshape(qk.shape[0], -1)
+        readouts = []
+        with _Timer(self.stats, "read_memory"):
+            for st in group:
+                frames = st.memory + ([st.temp] if st.temp is not None else [])
+                r = self.backend.read_memory([f.keys for f in frames], [f.values for f in frames], qk, self.cfg.top_k)
+                readouts.append(r.reshape(1, -1, h, w))
+        readout = readouts[0] if len(readouts) == 1 else self._stack(readouts)
+        with _Timer(self.stats, "decode"):
+            logits = self.backend.to_host(self.backend.decode(
+                readout, self._crop(feats["qv"], win, 1), self._crop(s8, win, 2), self._crop(s4, win, 4)))
+        self.stats.decodes += 1
+        self.stats.decoded_cells += h * w * len(group)
+        self.stats.full_cells += self._grid[0] * self._grid[1] * len(group)
+        return [(win, sigmoid(logits[i, 0])) for i in range(len(group))]
+
+    @staticmethod
+    def _stack(xs: list):
+        if isinstance(xs[0], np.ndarray):
+            return np.concatenate(xs, axis=0)
+        import importlib  # a torch backend's tensors: concatenate with their own library
+
+        return importlib.import_module(type(xs[0]).__module__.split(".")[0]).cat(xs, 0)
+
     # ---- one pass -----------------------------------------------------------------
     def _pass(self, ref: int, stop: int, direction: int, lo: int, hi: int) -> None:
         """Propagate from reference slice ``ref`` to ``stop`` (inclusive), one direction."""
         ref_mask = self._refs[ref]
         feats = self._features(ref, direction, lo, hi)
-        organs = range(1, self.num_organs + 1)
+        total = np.isin(ref_mask, np.arange(1, self.num_organs + 1)).astype(np.float32)
         states: list[_OrganState] = []
-        total = np.zeros_like(ref_mask, dtype=np.float32)
-        for o in organs:
-            total += ref_mask == o
-        for o in organs:
+        items = []
+        for o in range(1, self.num_organs + 1):
             target = (ref_mask == o).astype(np.float32)
             if not target.any() and self.cfg.skip_absent:
                 continue
             win = self._window_of(target > 0) or self._full_window()
-            st = _OrganState(o, win)
-            frame = self._encode_frame(feats, win, target, total - target)
-            frame.is_ref = True
-            st.memory.append(frame)
-            states.append(st)
+            states.append(_OrganState(o, win))
+            items.append((win, target, total - target))
         if not states:
             return
+        for st, frame in zip(states, self._encode_frames(feats, items)):
+            frame.is_ref = True
+            st.memory.append(frame)
         steps = range(ref + direction, stop + direction, direction)
         for n_step, t in enumerate(steps, start=1):
             live = [st for st in states if st.alive]
@@ -328,37 +376,23 @@ class PropagationEngine:
                 continue
             feats = self._features(t, direction, lo, hi)
             s8, s4 = self._skips(feats)
-            probs = {}
-            for st in live:
-                win = st.window
-                qk = self._crop(feats["key"][0], win, 1)
-                h, w = qk.shape[1:]
-                frames = st.memory + ([st.temp] if st.temp is not None else [])
-                with _Timer(self.stats, "read_memory"):
-                    readout = self.backend.read_memory(
-                        [f.keys for f in frames], [f.values for f in frames],
-                        qk.reshape(qk.shape[0], -1), self.cfg.top_k,
-                    )
-                readout = readout.reshape(1, -1, h, w)
-                with _Timer(self.stats, "decode"):
-                    logits = self.backend.to_host(self.backend.decode(
-                        readout, self._crop(feats["qv"], win, 1), self._crop(s8, win, 2), self._crop(s4, win, 4)
-                    ))
-                self.stats.decodes += 1
-                self.stats.decoded_cells += h * w
-                self.stats.full_cells += self._grid[0] * self._grid[1]
-                probs[st.organ] = sigmoid(logits[0, 0])
+            groups = [live] if self.cfg.batch_organs else [[st] for st in live]
+            decoded = [d for g in groups for d in self._decode(feats, s8, s4, g)]
             # soft aggregation on a canvas, so overlapping organs compete as in STCN
             with _Timer(self.stats, "aggregate"):
                 canvas = np.zeros((len(live),) + self._hw, np.float32)
-                for i, st in enumerate(live):
-                    y0, y1, x0, x1 = (v * self._stride for v in st.window)
-                    canvas[i, y0:y1, x0:x1] = probs[st.organ]
+                for i, (win, prob) in enumerate(decoded):
+                    y0, y1, x0, x1 = (v * self._stride for v in win)
+                    canvas[i, y0:y1, x0:x1] = prob
                 agg = aggregate(canvas)[1:]
                 total = agg.sum(axis=0)
+            is_mem = n_step % self.cfg.mem_every == 0
+            want_frames = t != stop and (is_mem or self.cfg.temp_slot)
+            pending: list[tuple[_OrganState, Window]] = []
+            items = []
             for i, st in enumerate(live):
                 p = agg[i]
-                win = st.window
+                win = decoded[i][0]
                 y0, y1, x0, x1 = (v * self._stride for v in win)
                 self._entries[t].append((st.organ, win, p[y0:y1, x0:x1].astype(np.float16)))
                 self._votes[t, st.organ - 1] += 1
@@ -371,16 +405,16 @@ class PropagationEngine:
                         continue
                 else:
                     st.misses = 0
-                new_win = self._window_of(fg) or win
-                is_mem = n_step % self.cfg.mem_every == 0
-                if t != stop and (is_mem or self.cfg.temp_slot):
-                    frame = self._encode_frame(feats, new_win, p, total - p)
-                    if is_mem:
-                        self._add_memory(st, frame)
-                        st.temp = None
-                    else:
-                        st.temp = frame
-                st.window = new_win
+                st.window = self._window_of(fg) or st.window
+                if want_frames:
+                    pending.append((st, st.window))
+                    items.append((st.window, p, total - p))
+            for (st, _), frame in zip(pending, self._encode_frames(feats, items)):
+                if is_mem:
+                    self._add_memory(st, frame)
+                    st.temp = None
+                else:
+                    st.temp = frame
 
     # ---- the volume ---------------------------------------------------------------
     def run(

@@ -63,21 +63,25 @@ def run(engine_cfg, refs, n=16, dark_from=None):
     return res, backend, engine
 
 
+@pytest.mark.parametrize("batch", [False, True])
 @pytest.mark.parametrize("crop", [True, False])
-def test_copy_backend_propagates_reference_everywhere(crop):
+def test_copy_backend_propagates_reference_everywhere(crop, batch):
     m = ref_mask()
-    res, backend, _ = run({"crop": crop, "margin": 1, "min_cells": 2}, {5: m})
+    res, backend, _ = run({"crop": crop, "margin": 1, "min_cells": 2, "batch_organs": batch}, {5: m})
     for t in range(16):
         assert np.array_equal(res.labels(t), m), t
-    if crop:  # windows hug the organs: never the full 8 x 8 grid
+    if batch:  # one decoder call per slice for both organs
+        assert len(backend.decoded_shapes) == 15
+    if crop and not batch:  # windows hug the organs: never the full 8 x 8 grid
         assert all(tuple(s) != (8, 8) for s in backend.decoded_shapes)
-    else:
+    elif not crop:
         assert all(tuple(s) == (8, 8) for s in backend.decoded_shapes)
 
 
-def test_two_references_both_directions_and_vote_counts():
+@pytest.mark.parametrize("batch", [False, True])
+def test_two_references_both_directions_and_vote_counts(batch):
     m = ref_mask()
-    res, _, _ = run({}, {3: m, 10: m})
+    res, _, _ = run({"batch_organs": batch}, {3: m, 10: m})
     # slices strictly between the references get a vote from each direction
     assert all(res.votes[t, 0] == 2 for t in range(4, 10))
     assert all(res.votes[t, 0] == 1 for t in list(range(0, 3)) + list(range(11, 16)))
@@ -107,12 +111,13 @@ def test_skip_absent_saves_decodes():
     assert np.array_equal(skip.labels(0), full.labels(0))
 
 
-def test_early_stop_ends_vanished_organs_and_votes_zero():
+@pytest.mark.parametrize("batch", [False, True])
+def test_early_stop_ends_vanished_organs_and_votes_zero(batch):
     m = ref_mask()
-    res, _, _ = run({"patience": 2}, {3: m}, n=16, dark_from=8)
+    res, _, _ = run({"patience": 2, "batch_organs": batch}, {3: m}, n=16, dark_from=8)
     assert res.labels(7).any() and not res.labels(12).any()
     # forward pass 4..15: decodes on 4..9 (two misses at 8, 9), then stops; backward 2..0
-    assert res.stats.decodes == 2 * (6 + 3)
+    assert res.stats.decodes == (1 if batch else 2) * (6 + 3)
     assert res.votes[15, 0] == 1  # the stopped pass still votes (zero)
     never, _, _ = run({"early_stop": False}, {3: m}, n=16, dark_from=8)
     assert never.stats.decodes == 2 * 15
