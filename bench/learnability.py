@@ -96,6 +96,37 @@ def propagation(args):
     return res
 
 
+def real(args):
+    """tiny trained on TotalSegEx_0001 plus the 16 phantoms, scored on TotalSegEx_0003."""
+    import os
+
+    shared = Path(os.environ.get("FLARE22_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    if not (shared / "images").is_dir():
+        raise SystemExit(f"real CTs not found at {shared}")
+    d = data()
+    mix = OUT / "data" / "real_train"
+    if not mix.exists():
+        for sub in ("images", "labels"):
+            (mix / sub).mkdir(parents=True)
+        (mix / "images" / "TotalSegEx_0001_0000.nii.gz").symlink_to(shared / "images" / "TotalSegEx_0001_0000.nii.gz")
+        (mix / "labels" / "TotalSegEx_0001.nii.gz").symlink_to(shared / "labels" / "TotalSegEx_0001.nii.gz")
+        for sub in ("images", "labels"):
+            for q in sorted((d / "lab" / sub).iterdir()):
+                (mix / sub / q.name).symlink_to(q)
+    test = OUT / "data" / "real_test"
+    if not test.exists():
+        for sub, name in (("images", "TotalSegEx_0003_0000.nii.gz"), ("labels", "TotalSegEx_0003.nii.gz")):
+            (test / sub).mkdir(parents=True)
+            (test / sub / name).symlink_to(shared / sub / name)
+    cfg = TR.ReferenceTrainConfig(model="tiny", iterations=args.iterations, lr=args.lr, batch_labelled=args.batch,
+                                  batch_unlabelled=0, labelled=str(mix), val_every=10**9, max_minutes=args.minutes,
+                                  seed=args.seed, device="cpu", cps_weight=0.0)
+    s = TR.train(cfg, OUT / "real", progress=False)
+    res = score_pair(OUT / "real" / "last.pt", load_folder(test, labelled=True))
+    res.update(iterations=s["iterations"], train="TotalSegEx_0001 + 16 phantoms", test="TotalSegEx_0003")
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("reference", "propagation", "semi", "real"))
@@ -115,7 +146,7 @@ def main():
         res = {"cps_2_lab_16_unl": reference(args, True, "semi_cps", n_lab=2),
                "sup_2_lab": reference(args, False, "semi_sup", n_lab=2)}
     else:
-        raise SystemExit("real: see bench/real_ct.py")
+        res = real(args)
     (OUT / f"{args.what}.json").write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res, indent=1, default=str))
 
