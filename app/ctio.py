@@ -296,6 +296,18 @@ def write_labels(labels: np.ndarray, props: CTProperties, out_path: str | os.Pat
     return atomic_write_image(img, out_path)
 
 
+def write_map(values: np.ndarray, props: CTProperties, out_path: str | os.PathLike) -> Path:
+    """Write a canonical (z, y, x) float map (e.g. uncertainty) onto the input's grid."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape != props.shape_zyx:
+        raise GeometryError(f"map for {props.path} has shape {values.shape}, expected {props.shape_zyx}")
+    img = sitk.GetImageFromArray(from_canonical(values, props))
+    img.SetSpacing(props.spacing)
+    img.SetOrigin(props.origin)
+    img.SetDirection(props.direction)
+    return atomic_write_image(img, out_path)
+
+
 def case_name(path: str | os.PathLike) -> str:
     """``FLARETs_0001_0000.nii.gz`` -> ``FLARETs_0001``."""
     name = Path(path).name

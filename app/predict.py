@@ -29,7 +29,7 @@ import numpy as np
 
 from .backends import DEVICES, load_backends
 from .bundle import Bundle, load_bundle
-from .ctio import CTProperties, case_name, list_cases, read_ct, write_labels
+from .ctio import CTProperties, case_name, list_cases, read_ct, write_labels, write_map
 from .errors import BundleError, Flare22Error
 from .propagation import PropagationConfig, PropagationEngine
 from .resize import resize_stack
@@ -64,6 +64,7 @@ class PredictOptions:
     backend: str = "onnx"
     threads: int | None = None
     propagation: dict = field(default_factory=dict)  # overrides of the bundle's settings
+    uncertainty: bool = False  # also return a per-voxel uncertainty map (see Predictor)
 
 
 class Predictor:
@@ -127,7 +128,7 @@ class Predictor:
         cands = sample_candidates(n, self.sampling["every"], self.sampling["max"])
         areas = np.zeros((len(cands), self.num_organs), np.int64)
         best_area = np.zeros(self.num_organs, np.int64)
-        kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # candidate pos -> (probs f16, mask)
+        kept: dict[int, tuple] = {}  # candidate pos -> (probs f16, mask, member disagreement f16)
         agreement = []
         pos = 0
         for b, out in self.run_reference(volume, cands):
@@ -139,7 +140,10 @@ class Predictor:
                 better = counts > best_area
                 if better.any():
                     best_area[better] = counts[better]
-                    kept[pos + j] = (probs[j].astype(np.float16), masks[j])
+                    dis = None
+                    if self.opt.uncertainty and "probs_a" in out:
+                        dis = (0.5 * np.abs(out["probs_a"][j] - out["probs_b"][j]).sum(0)).astype(np.float16)
+                    kept[pos + j] = (probs[j].astype(np.float16), masks[j], dis)
             if "probs_a" in out and "probs_b" in out:
                 agreement.append(member_agreement(out["probs_a"], out["probs_b"], self.num_organs))
             pos += len(b)
@@ -149,6 +153,7 @@ class Predictor:
         chosen = select_largest_area(areas)
         refs = {int(cands[c]): kept[c][1] for c in chosen}
         ref_probs = {int(cands[c]): kept[c][0].astype(np.float32) / 2.0 for c in chosen}
+        ref_dis = {int(cands[c]): kept[c][2] for c in chosen if kept[c][2] is not None}
         kept.clear()
         timings["selection"] = time.perf_counter() - t0
         report["sampled"] = cands.tolist()
@@ -159,6 +164,8 @@ class Predictor:
         if not refs:  # nothing found on any candidate: an empty prediction, honestly
             report["timings"] = timings
             report["warning"] = "no organ predicted on any sampled slice"
+            if self.opt.uncertainty:
+                report["uncertainty_map"] = np.ones((n, h, w), np.float32)
             return labels, report
 
         t0 = time.perf_counter()
@@ -168,9 +175,17 @@ class Predictor:
         report["propagation"] = {"config": engine.cfg.to_json(), **result.stats.to_json()}
 
         t0 = time.perf_counter()
+        umap = np.zeros((n, h, w), np.float32) if self.opt.uncertainty else None
         for t in range(n):
             labels[t] = result.labels(t, (h, w))
+            if umap is not None:
+                if t in ref_dis:  # reference slices: how much the two CPS members disagree
+                    umap[t] = resize_stack(ref_dis[t].astype(np.float32), (h, w))
+                else:  # propagated slices: normalised entropy of the composed probabilities
+                    umap[t] = result.entropy(t, (h, w))
         timings["compose"] = time.perf_counter() - t0
+        if umap is not None:
+            report["uncertainty_map"] = umap
         report["timings"] = timings
         return labels, report
 
@@ -235,6 +250,7 @@ def predict_folder(
     options: PredictOptions | None = None,
     report_dir: str | os.PathLike | None = None,
     quiet: bool = False,
+    review_threshold: float = 0.8,
 ) -> list[CaseResult]:
     """Segment every case; raises Flare22Error only for problems that stop every case."""
     options = options or PredictOptions()
@@ -309,12 +325,15 @@ def predict_folder(
                 continue
             report.update(case=name, input=str(path), timings={"read": read_s, **report["timings"]},
                           backend=predictor.info, geometry=props.to_json())
+            umap = report.pop("uncertainty_map", None)
             res = CaseResult(name, True, 0.0, report=report)
-            fut = writer.submit(_write_case, labels, props, output_dir / f"{name}.nii.gz")
+            fut = writer.submit(_write_case, labels, props, output_dir / f"{name}.nii.gz",
+                                umap, report_dir / f"{name}_uncertainty.nii.gz")
             pending.append((name, fut, res))
             res.seconds = time.perf_counter() - t0
             _drain(pending, results, report_dir, quiet, len(cases), wait=False)
         _drain(pending, results, report_dir, quiet, len(cases), wait=True)
+        write_review(results, report_dir, review_threshold)
     finally:
         writer.shutdown(wait=True)
         if threading.current_thread() is threading.main_thread():
@@ -340,10 +359,37 @@ def _predict_with_fallback(predictor: Predictor, volume: np.ndarray):
                 raise
 
 
-def _write_case(labels: np.ndarray, props: CTProperties, out: Path) -> float:
+def _write_case(labels: np.ndarray, props: CTProperties, out: Path, umap=None, umap_path: Path | None = None) -> float:
     t0 = time.perf_counter()
     write_labels(labels, props, out)
+    if umap is not None:
+        write_map(umap, props, umap_path)
     return time.perf_counter() - t0
+
+
+def write_review(results: list[CaseResult], report_dir: Path, threshold: float) -> Path | None:
+    """review.csv: cases by ascending member agreement, those below ``threshold`` flagged,
+    so that a person looks at the weakest cases first."""
+    rows = []
+    for r in results:
+        q = (r.report or {}).get("member_agreement") if r.ok else None
+        if q is None:
+            rows.append((-1.0, r.case, "", "failed" if not r.ok else "no score", ""))
+            continue
+        worst = min(q["per_organ"].items(), key=lambda kv: kv[1]) if q["per_organ"] else ("", "")
+        rows.append((q["overall"], r.case, f"{q['overall']:.4f}", "review" if q["overall"] < threshold else "ok",
+                     f"{worst[0]}:{worst[1]}"))
+    if not rows:
+        return None
+    rows.sort()
+    path = report_dir / "review.csv"
+    tmp = report_dir / ".review.csv.part.tmp"
+    with open(tmp, "w") as f:
+        f.write("case,quality,flag,weakest_organ\n")
+        for _, case, q, flag, worst in rows:
+            f.write(f"{case},{q},{flag},{worst}\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _drain(pending, results, report_dir, quiet, total, wait: bool) -> None:
@@ -403,6 +449,10 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=8, help="slices per reference / key-encoder call")
     p.add_argument("--published-propagation", action="store_true",
                    help="decode every organ on every slice, full frame (the authors' cost)")
+    p.add_argument("--uncertainty", action="store_true",
+                   help="also write <case>_uncertainty.nii.gz (member disagreement / propagation entropy)")
+    p.add_argument("--review-threshold", type=float, default=0.8,
+                   help="flag cases whose CPS member agreement is below this in review.csv")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -412,10 +462,11 @@ def run(args) -> int:
     if args.published_propagation:
         prop = {"skip_absent": False, "early_stop": False, "crop": False}
     opts = PredictOptions(batch=args.batch, mode=args.mode, device=args.device, backend=args.backend,
-                          threads=args.threads, propagation=prop)
+                          threads=args.threads, propagation=prop, uncertainty=args.uncertainty)
     t0 = time.perf_counter()
     try:
-        results = predict_folder(args.input, args.output, args.bundle, opts, args.report_dir, args.quiet)
+        results = predict_folder(args.input, args.output, args.bundle, opts, args.report_dir, args.quiet,
+                                 args.review_threshold)
     except (BundleError, Flare22Error) as exc:
         print(f"flare22 predict: {exc}", file=sys.stderr)
         return 2

@@ -494,6 +494,16 @@ class PropagationResult:
         out[nz] /= votes[nz, None, None]
         return out
 
+    def entropy(self, t: int, out_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """Normalised entropy (0..1) of slice t's [background, organs] distribution."""
+        p = np.clip(self.organ_probs(t), 0, 1)
+        if out_hw is not None and tuple(out_hw) != self.hw:
+            p = np.clip(resize_stack(p, tuple(out_hw)), 0, 1)
+        dist = np.concatenate([np.prod(1 - p, axis=0, keepdims=True), p], axis=0)
+        dist /= np.maximum(dist.sum(axis=0, keepdims=True), 1e-7)
+        ent = -(dist * np.log(np.maximum(dist, 1e-7))).sum(axis=0)
+        return (ent / np.log(dist.shape[0])).astype(np.float32)
+
     def labels(self, t: int, out_hw: tuple[int, int] | None = None) -> np.ndarray:
         """Label slice t (uint8), resized to ``out_hw`` before the argmax when given."""
         p = self.organ_probs(t)

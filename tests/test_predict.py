@@ -50,7 +50,8 @@ def assert_outputs(out_dir: Path, written: list[str], failed: list[str] = ()) ->
     """Exactly <case>.nii.gz + <case>.json for written cases, <case>.json for failed ones, and
     no temporary or half-written file of any kind."""
     names = sorted(p.name for p in out_dir.iterdir())
-    want = sorted([f"{c}.nii.gz" for c in written] + [f"{c}.json" for c in [*written, *failed]])
+    want = sorted([f"{c}.nii.gz" for c in written] + [f"{c}.json" for c in [*written, *failed]]
+                  + (["review.csv"] if [*written, *failed] else []))
     assert names == want
     assert not [n for n in names if "part" in n or n.startswith(".")]
     for c in failed:
@@ -379,6 +380,8 @@ def _check_complete_outputs(out: Path, inp: Path) -> list[str]:
     for p in out.iterdir():
         if p.name.startswith("."):
             continue
+        if p.name == "review.csv":
+            continue
         assert p.name.endswith((".nii.gz", ".json")) and "part" not in p.name, p.name
         if p.name.endswith(".nii.gz"):
             case = p.name[: -len(".nii.gz")]
@@ -464,3 +467,27 @@ print(json.dumps({{"help_code": help_code, "help": buf.getvalue(), "ok": [r.ok f
     assert got["ok"] == [True]
     assert got["heavy"] == []
     assert (tmp_path / "out" / "Rot_0001.nii.gz").exists()
+
+
+def test_review_list_and_uncertainty_map(tiny_bundle, phantom_cases, tmp_path):
+    """Cases ranked by CPS member agreement in review.csv; an uncertainty map on the input grid."""
+    from app.predict import PredictOptions, predict_folder
+
+    out, rep = tmp_path / "out", tmp_path / "rep"
+    results = predict_folder(phantom_cases, out, tiny_bundle, PredictOptions(uncertainty=True, threads=1),
+                             report_dir=rep, quiet=True, review_threshold=1.01)
+    assert all(r.ok for r in results)
+    rows = (rep / "review.csv").read_text().splitlines()
+    assert rows[0] == "case,quality,flag,weakest_organ"
+    qualities = [float(r.split(",")[1]) for r in rows[1:]]
+    assert len(qualities) == len(results) and qualities == sorted(qualities)
+    assert all(r.split(",")[2] == "review" for r in rows[1:])  # threshold above any agreement
+    for r in results:
+        agreement = r.report["member_agreement"]
+        assert 0.0 <= agreement["overall"] <= 1.0
+        umap = sitk.ReadImage(str(rep / f"{r.case}_uncertainty.nii.gz"))
+        src = sitk.ReadImage(str(phantom_cases / f"{r.case}_0000.nii.gz"))
+        assert umap.GetSize() == src.GetSize() and umap.GetDirection() == src.GetDirection()
+        u = sitk.GetArrayFromImage(umap)
+        assert u.min() >= 0.0 and u.max() <= 1.0 + 1e-6
+    assert not list(out.glob("*_uncertainty.nii.gz"))  # maps go to the report folder

@@ -382,28 +382,40 @@ class STCN(nn.Module):
         the memory with its soft (aggregated softmax) masks.
         """
         b, t = frames.shape[:2]
+        o = first_masks.shape[1]
+        top_k = self.cfg.top_k if top_k is None else top_k
         key, qv, f16, f8, f4 = self.encode_key(frames.flatten(0, 1))
         s8, s4 = self.skip_features(f8, f4)
         split = lambda x: x.unflatten(0, (b, t))  # noqa: E731
         key, qv, f16, s8, s4 = map(split, (key, qv, f16, s8, s4))
-        clips = []
-        for i in range(b):
-            mem_k = [key[i, 0]]
-            mem_v = [self.encode_value(frames[i, :1], f16[i, :1], first_masks[i])]
-            logits = []
-            for j in range(1, t):
-                readout = self.read_memory(
-                    torch.stack(mem_k, 1), torch.stack(mem_v, 2), key[i, j], top_k=top_k
-                )
-                obj = self.decode(readout, qv[i, j : j + 1], s8[i, j : j + 1], s4[i, j : j + 1])
-                agg = aggregate(torch.sigmoid(obj[:, 0]))
-                logits.append(agg)
-                if j < t - 1:
-                    mem_k.append(key[i, j])
-                    soft = agg.softmax(0)[1:]
-                    mem_v.append(self.encode_value(frames[i, j : j + 1], f16[i, j : j + 1], soft))
-            clips.append(torch.stack(logits))
-        return torch.stack(clips)
+        per_obj = lambda x: x.repeat_interleave(o, dim=0)  # noqa: E731  (b, ...) -> (b*o, ...)
+
+        def values(j: int, masks: torch.Tensor) -> torch.Tensor:  # masks (b, o, H, W)
+            others = masks.sum(1, keepdim=True) - masks
+            v = self.encode_value(per_obj(frames[:, j]), per_obj(f16[:, j]), masks.flatten(0, 1), others.flatten(0, 1))
+            return v.unflatten(0, (b, o))  # (b, o, Cv, h, w)
+
+        # All clips of the batch at once: one value / decoder call per frame, batched reads.
+        mem_k, mem_v = [key[:, 0]], [values(0, first_masks)]
+        ck = key.shape[2]
+        logits = []
+        for j in range(1, t):
+            mk = torch.stack(mem_k, 2).flatten(2)  # (b, Ck, N)
+            mv = torch.stack(mem_v, 3).flatten(3)  # (b, o, Cv, N)
+            qk = key[:, j].flatten(2)  # (b, Ck, P)
+            affinity = (2 * mk.transpose(1, 2) @ qk - mk.pow(2).sum(1).unsqueeze(2)) / math.sqrt(ck)
+            k = min(top_k, affinity.shape[1])
+            top_values, top_index = affinity.topk(k, dim=1)  # (b, k, P)
+            dense = torch.zeros_like(affinity).scatter(1, top_index, top_values.softmax(dim=1))
+            readout = (mv.flatten(1, 2) @ dense).unflatten(1, (o, -1))  # (b, o, Cv, P)
+            readout = readout.flatten(0, 1).unflatten(2, key.shape[-2:])  # (b*o, Cv, h, w)
+            obj = self.decode(readout, per_obj(qv[:, j]), per_obj(s8[:, j]), per_obj(s4[:, j]))
+            agg = aggregate(torch.sigmoid(obj[:, 0]).unflatten(0, (b, o)), dim=1)  # (b, o+1, H, W)
+            logits.append(agg)
+            if j < t - 1:
+                mem_k.append(key[:, j])
+                mem_v.append(values(j, agg.softmax(1)[:, 1:]))
+        return torch.stack(logits, 1)
 
 
 # --------------------------------------------------------------------------- export helpers
