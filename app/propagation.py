@@ -91,7 +91,7 @@ class PropagationConfig:
     top_k: int = 20
     mem_every: int = 5
     max_memory: int = 200  # frames per organ and pass, the reference included
-    temp_slot: bool = True
+    temp_slot: bool = False  # STCN keeps the last frame as a temporary slot; see README (cost)
     skip_absent: bool = True
     early_stop: bool = True
     patience: int = 2

@@ -144,7 +144,10 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
         if unl_sampler and sampler_state.get("unl"):
             unl_sampler.rng.bit_generator.state = sampler_state["unl"]
     aug = AugmentConfig() if cfg.augment else None
-    sup_loss = DiceCELoss(label_smoothing=cfg.label_smoothing)
+    # Dice over the classes present in the batch: with "all", every organ absent from a
+    # 4-slice batch scores ~0 (smooth / (sum of its small probabilities + smooth)) and
+    # fights the label smoothing's floor; training plateaued there.
+    sup_loss = DiceCELoss(label_smoothing=cfg.label_smoothing, classes="present")
     log = T.JsonLog(out_dir / "log.jsonl", info.main)
     if info.main and not resume:
         log.write(event="start", config=dataclasses.asdict(cfg), world=info.world, device=str(info.device))
@@ -170,7 +173,8 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
             if cfg.cps_loss == "ce":
                 cps = [F.cross_entropy(logits[0].float(), pseudo[1]), F.cross_entropy(logits[1].float(), pseudo[0])]
             else:
-                cps = [soft_dice_loss(logits[0], pseudo[1]), soft_dice_loss(logits[1], pseudo[0])]
+                cps = [soft_dice_loss(logits[0], pseudo[1], classes="present"),
+                       soft_dice_loss(logits[1], pseudo[0], classes="present")]
             loss = sup[0] + sup[1] + w * (cps[0] + cps[1])
         for o in opts:
             o.zero_grad(set_to_none=True)
