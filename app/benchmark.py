@@ -111,7 +111,8 @@ def _ablation() -> list[tuple[str, dict]]:
         ("published", pub),
         ("+skip absent organs", {**pub, "skip_absent": True}),
         ("+stop vanished organs", {**pub, "skip_absent": True, "early_stop": True}),
-        ("+organ windows (= full)", {}),
+        ("+organ windows", {"batch_organs": False}),
+        ("+organ windows, organs batched per call", {"batch_organs": True}),
     ]
 
 

@@ -32,7 +32,7 @@ from .bundle import Bundle, load_bundle
 from .ctio import CTProperties, case_name, list_cases, read_ct, write_labels, write_map
 from .errors import BundleError, Flare22Error
 from .propagation import PropagationConfig, PropagationEngine
-from .resize import resize_stack
+from .resize import argmax_resized, resize_stack
 from .windowing import window_slices
 
 log = logging.getLogger("flare22")
@@ -118,8 +118,8 @@ class Predictor:
         if self.opt.mode == "dense":
             t0 = time.perf_counter()
             for b, out in self.run_reference(volume, np.arange(n)):
-                probs = resize_stack(out["probs"], (h, w))
-                labels[b] = probs.argmax(axis=1).astype(np.uint8)
+                for j, t in enumerate(b):
+                    labels[t] = argmax_resized(out["probs"][j], (h, w))
             timings["reference"] = time.perf_counter() - t0
             report["timings"] = timings
             return labels, report

@@ -43,7 +43,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .resize import resize_stack
+from .resize import argmax_resized, resize_stack
 
 
 class StageBackend(Protocol):
@@ -97,7 +97,7 @@ class PropagationConfig:
     patience: int = 2
     min_pixels: int = 4  # at model resolution: fewer pixels above 0.5 counts as vanished
     crop: bool = True
-    margin: int = 2  # cells of the key grid around the mask's bounding box
+    margin: int = 1  # cells of the key grid around the mask's bounding box
     min_cells: int = 4  # smallest window side, in cells
     key_batch: int = 8
     # One decoder / value-encoder call for all live organs on the union of their windows
@@ -494,6 +494,23 @@ class PropagationResult:
         out[nz] /= votes[nz, None, None]
         return out
 
+    def compact_probs(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(organ ids, (k, H, W) probabilities) of the organs that have any vote on slice t."""
+        if t in self.references:
+            full = self.organ_probs(t)
+            ids = np.nonzero(full.reshape(self.num_organs, -1).max(axis=1) > 0)[0]
+            return ids + 1, full[ids]
+        entries = self.entries.get(t, [])
+        ids = sorted({organ for organ, _, _ in entries})
+        out = np.zeros((len(ids),) + self.hw, np.float32)
+        row = {o: i for i, o in enumerate(ids)}
+        s = self.stride
+        for organ, (y0, y1, x0, x1), p in entries:
+            out[row[organ], y0 * s : y1 * s, x0 * s : x1 * s] += p
+        votes = self.votes[t, np.asarray(ids, int) - 1] if ids else np.zeros(0)
+        out /= np.maximum(votes, 1)[:, None, None]
+        return np.asarray(ids, int), out
+
     def entropy(self, t: int, out_hw: tuple[int, int] | None = None) -> np.ndarray:
         """Normalised entropy (0..1) of slice t's [background, organs] distribution."""
         p = np.clip(self.organ_probs(t), 0, 1)
@@ -506,12 +523,11 @@ class PropagationResult:
 
     def labels(self, t: int, out_hw: tuple[int, int] | None = None) -> np.ndarray:
         """Label slice t (uint8), resized to ``out_hw`` before the argmax when given."""
-        p = self.organ_probs(t)
         if t in self.references and t not in self.reference_probs and out_hw in (None, self.hw):
             return self.references[t].astype(np.uint8)
-        if not p.any():
+        ids, p = self.compact_probs(t)
+        if not len(ids):
             return np.zeros(out_hw or self.hw, np.uint8)
-        if out_hw is not None and tuple(out_hw) != self.hw:
-            p = resize_stack(p, tuple(out_hw))
         bg = np.prod(1 - np.clip(p, 0, 1), axis=0, keepdims=True)
-        return np.argmax(np.concatenate([bg, p], axis=0), axis=0).astype(np.uint8)
+        win = argmax_resized(np.concatenate([bg, p], axis=0), tuple(out_hw or self.hw))
+        return np.concatenate([[0], ids]).astype(np.uint8)[win]

@@ -65,7 +65,7 @@ def reference(args, unlabelled: bool, tag: str, n_lab=16):
                                   batch_unlabelled=args.batch if unlabelled else 0, labelled=str(lab),
                                   unlabelled=str(d / "unl") if unlabelled else "", val_every=10**9,
                                   max_minutes=args.minutes, seed=args.seed, device="cpu",
-                                  cps_weight=args.cps_weight if unlabelled else 0.0)
+                                  cps_weight=args.cps_weight if unlabelled else 0.0, rampup=args.rampup)
     t0 = time.time()
     s = TR.train(cfg, OUT / tag, progress=False)
     res = score_pair(OUT / tag / "last.pt", load_folder(d / "val", labelled=True))
@@ -135,6 +135,7 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--cps-weight", type=float, default=1.5)
+    p.add_argument("--rampup", type=float, default=0.3, help="fraction of the run over which the CPS weight ramps up")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -143,11 +144,14 @@ def main():
     elif args.what == "propagation":
         res = propagation(args)
     elif args.what == "semi":
-        res = {"cps_2_lab_16_unl": reference(args, True, "semi_cps", n_lab=2),
-               "sup_2_lab": reference(args, False, "semi_sup", n_lab=2)}
+        tag = f"semi_cps_w{args.cps_weight}_r{args.rampup}"
+        res = {"cps_2_lab_16_unl": reference(args, True, tag, n_lab=2)}
+        if not (OUT / "semi_sup" / "last.pt").exists():
+            res["sup_2_lab"] = reference(args, False, "semi_sup", n_lab=2)
     else:
         res = real(args)
-    (OUT / f"{args.what}.json").write_text(json.dumps(res, indent=1, default=str))
+    name = args.what if args.what != "semi" else f"semi_w{args.cps_weight}_r{args.rampup}"
+    (OUT / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res, indent=1, default=str))
 
 

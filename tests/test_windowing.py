@@ -48,3 +48,17 @@ def test_resize_constant_and_linear_ramp():
 def test_nearest_label_resize():
     lab = np.arange(16).reshape(4, 4)
     assert np.array_equal(resize_labels_nearest(lab, (2, 2)), [[5, 7], [13, 15]])
+
+
+def test_argmax_resized_matches_full_resize_when_channels_win():
+    from app.resize import argmax_resized
+
+    rng = np.random.default_rng(0)
+    scores = np.zeros((14, 16, 16), np.float32)
+    scores[0] = 0.6
+    scores[3, 4:10, 4:10] = 0.9
+    scores[7, 10:14, 2:6] = 0.8
+    scores += rng.random(scores.shape).astype(np.float32) * 0.01
+    full = resize_stack(scores, (40, 40)).argmax(0)
+    assert np.array_equal(argmax_resized(scores, (40, 40)), full)
+    assert argmax_resized(np.stack([np.ones((4, 4)), np.zeros((4, 4))]), (9, 9)).tolist() == [[0] * 9] * 9
