@@ -90,6 +90,7 @@ def main(argv=None) -> int:
         sh([py, "-m", "app.cli", "train-reference", "--labelled", data / "train", "--unlabelled", data / "unlabelled",
             "--val", data / "val", "--out", out / "reference", "--config", "tiny", "--iterations", args.ref_iterations,
             "--lr", "1e-3", "--batch-labelled", "4", "--batch-unlabelled", "4", "--val-every", "250",
+            "--cps-weight", "0.3", "--cps-rampup", "1.0",
             "--max-minutes", args.ref_minutes, "--device", "cpu"], env)
     if not (out / "propagation" / "best.pt").exists():
         sh([py, "-m", "app.cli", "train-propagation", "--labelled", data / "train", "--val", data / "val",

@@ -246,6 +246,8 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--cps-weight", type=float, default=1.5)
     p.add_argument("--cps-loss", choices=("dice", "ce"), default="dice")
+    p.add_argument("--cps-rampup", type=float, default=0.3,
+                   help="fraction of the run over which the CPS weight ramps up to --cps-weight")
     p.add_argument("--small-organ-boost", type=float, default=3.0,
                    help="extra sampling weight of slices showing a small organ (0: uniform)")
     p.add_argument("--no-augment", action="store_true")
@@ -261,7 +263,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     cfg = ReferenceTrainConfig(
         model=args.config, iterations=args.iterations, batch_labelled=args.batch_labelled,
-        batch_unlabelled=args.batch_unlabelled, lr=args.lr, cps_weight=args.cps_weight, cps_loss=args.cps_loss,
+        batch_unlabelled=args.batch_unlabelled, lr=args.lr, cps_weight=args.cps_weight, cps_loss=args.cps_loss, rampup=args.cps_rampup,
         small_organ_boost=args.small_organ_boost, augment=not args.no_augment, val_every=args.val_every, max_minutes=args.max_minutes,
         seed=args.seed, device=args.device, labelled=args.labelled, unlabelled=args.unlabelled, val=args.val,
         cache_dir=args.cache_dir,
