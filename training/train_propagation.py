@@ -36,27 +36,14 @@ KIND = "propagation"
 
 
 @dataclasses.dataclass
-class PropagationTrainConfig:
-    model: str = "tiny"
+class PropagationTrainConfig(T.RunConfig):
     iterations: int = 3000
     batch: int = 4
-    lr: float = 1e-4
     betas: tuple[float, float] = (0.937, 0.999)
-    weight_decay: float = 1e-4
     milestones: tuple[float, ...] = (0.75, 0.92)
     # (fraction of training where it starts, max skip): 3, 4, 5, 7, 3 as the authors' code
     curriculum: tuple[tuple[float, int], ...] = ((0.0, 3), (0.1, 4), (0.2, 5), (0.3, 7), (0.8, 3))
     flip: bool = True  # STCN is class-agnostic: a flip harms nothing here
-    grad_clip: float = 12.0
-    amp: bool = True
-    seed: int = 0
-    val_every: int = 500
-    max_minutes: float = 0.0  # > 0: stop (and save) once this much wall time has passed
-    log_every: int = 20
-    device: str = "auto"
-    labelled: str = ""
-    val: str = ""
-    cache_dir: str = ""
 
 
 def max_skip(it: int, cfg: PropagationTrainConfig) -> int:

@@ -33,31 +33,16 @@ KIND = "reference"
 
 
 @dataclasses.dataclass
-class ReferenceTrainConfig:
-    model: str = "tiny"
-    iterations: int = 2000
+class ReferenceTrainConfig(T.RunConfig):
     batch_labelled: int = 2
     batch_unlabelled: int = 2
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    milestones: tuple[float, ...] = (0.8, 0.9)
     label_smoothing: float = 0.1
     cps_weight: float = 1.5
     cps_loss: str = "dice"  # or "ce"
     rampup: float = 0.3
     small_organ_boost: float = 3.0
     augment: bool = True
-    grad_clip: float = 12.0
-    amp: bool = True
-    seed: int = 0
-    val_every: int = 500
-    max_minutes: float = 0.0  # > 0: stop (and save) once this much wall time has passed
-    log_every: int = 20
-    device: str = "auto"
-    labelled: str = ""
     unlabelled: str = ""
-    val: str = ""
-    cache_dir: str = ""
 
 
 def cps_rampup(it: int, cfg: ReferenceTrainConfig) -> float:

@@ -32,6 +32,28 @@ class DistInfo:
         return self.rank == 0
 
 
+@dataclasses.dataclass
+class RunConfig:
+    """What every training run has besides its method's own settings (dataclass fields
+    of the trainers' configs come after these)."""
+
+    model: str = "tiny"
+    iterations: int = 2000
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    milestones: tuple[float, ...] = (0.8, 0.9)  # x0.5 at these fractions of the run
+    grad_clip: float = 12.0
+    amp: bool = True  # mixed precision, on GPUs only
+    seed: int = 0
+    val_every: int = 500
+    max_minutes: float = 0.0  # > 0: stop (and save) once this much wall time has passed
+    log_every: int = 20
+    device: str = "auto"
+    labelled: str = ""
+    val: str = ""
+    cache_dir: str = ""
+
+
 def setup_distributed(device: str = "auto") -> DistInfo:
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: gloo on the CPU, nccl on GPUs."""
     want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
