@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -39,9 +38,6 @@ from .efficiency import ResourceMonitor
 from .predict import PredictOptions, Predictor
 
 log = logging.getLogger("flare22")
-
-STAGES = ("read", "reference", "selection", "key_encode", "skip", "value_encode", "read_memory", "decode",
-          "aggregate", "compose", "write")
 
 
 def _phantom(n: int, hw: int, seed: int):
@@ -168,7 +164,7 @@ def fits(runs: list[dict]) -> dict:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# flare22 benchmark\n", f"bundle `{res['bundle']}`, model input {res['input_size']}, "
+    lines = ["# flare22 benchmark\n", f"bundle `{res['bundle']}`, model input {res['input_size']}, "
              f"phantoms {res['in_plane']} x {res['in_plane']} x N\n"]
     src = res.get("sources", {})
     if any(v.get("random_weights") for v in src.values()):

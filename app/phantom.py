@@ -581,7 +581,6 @@ def _paint_back(p: Patient, c: _Chunk, inplane: dict) -> None:
     arch = (phase > 0.3) & (phase < 0.85)
     spinous = (phase > 0.4)
     transverse = (phase > 0.4) & (phase < 0.7)
-    zz = c.z[:, None, None]
     block = np.broadcast_to(m["paraspinal"] | m["canal"] | m["ring"] | m["spinous"] | (m["body_v"] < 1.05),
                             c.hu.shape).copy()
     c.hu[np.broadcast_to(m["paraspinal"], c.hu.shape) & (c.regions["outside"] < p.muscle_mm)] = p.hu["muscle"] + 5

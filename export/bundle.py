@@ -196,7 +196,6 @@ def export_onnx(module: nn.Module, example: list[np.ndarray], spec: dict, path: 
 def export_program(module: nn.Module, example: list[np.ndarray], spec: dict, path: Path) -> bool:
     """A torch.export program of the graph; False (logged) where torch.export refuses it."""
     args = tuple(torch.from_numpy(x) for x in example)
-    dims: dict[str, torch.export.Dim] = {}
     dyn = []
     for (_, shape), x in zip(spec["inputs"], example):
         d = {}
