@@ -65,7 +65,8 @@ def reference(args, unlabelled: bool, tag: str, n_lab=16):
                                   batch_unlabelled=args.batch if unlabelled else 0, labelled=str(lab),
                                   unlabelled=str(d / "unl") if unlabelled else "", val_every=10**9,
                                   max_minutes=args.minutes, seed=args.seed, device="cpu",
-                                  cps_weight=args.cps_weight if unlabelled else 0.0, rampup=args.rampup)
+                                  cps_weight=args.cps_weight if unlabelled else 0.0, rampup=args.rampup,
+                                  sampling_rule=args.sampling_rule, small_organ_boost=args.boost)
     t0 = time.time()
     s = TR.train(cfg, OUT / tag, progress=False)
     res = score_pair(OUT / tag / "last.pt", load_folder(d / "val", labelled=True))
@@ -137,10 +138,13 @@ def main():
     p.add_argument("--cps-weight", type=float, default=1.5)
     p.add_argument("--rampup", type=float, default=0.3, help="fraction of the run over which the CPS weight ramps up")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampling-rule", default="small", choices=("small", "rarity"))
+    p.add_argument("--boost", type=float, default=3.0)
+    p.add_argument("--tag", default="reference")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.what == "reference":
-        res = reference(args, unlabelled=False, tag="reference")
+        res = reference(args, unlabelled=False, tag=args.tag)
     elif args.what == "propagation":
         res = propagation(args)
     elif args.what == "semi":
@@ -150,7 +154,7 @@ def main():
             res["sup_2_lab"] = reference(args, False, "semi_sup", n_lab=2)
     else:
         res = real(args)
-    name = args.what if args.what != "semi" else f"semi_w{args.cps_weight}_r{args.rampup}"
+    name = {"semi": f"semi_w{args.cps_weight}_r{args.rampup}", "reference": args.tag}.get(args.what, args.what)
     (OUT / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res, indent=1, default=str))
 

@@ -138,3 +138,20 @@ def test_label_out_of_range_and_grid_mismatch_name_the_case(folders, tmp_path):
     (bad / "labels" / "Phantom_0003.nii.gz").unlink()
     with pytest.raises(InputError, match="Phantom_0003"):
         load_folder(bad, labelled=True, cache_dir=tmp_path / "c3")
+
+
+def test_slice_weight_rules():
+    from training.data import Volume, slice_weights
+
+    lab = np.zeros((4, 8, 8), np.uint8)
+    lab[0:3, 0, 0] = 1  # liver on 3 of 4 slices
+    lab[1, 4, 4] = 4  # pancreas on 1
+    lab[3, 2, 2] = 7  # right adrenal on 1
+    vol = Volume("v", np.zeros((4, 8, 8), np.int16), lab, (1.0, 1.0, 1.0))
+    small = slice_weights([vol], 3.0, rule="small")[0]
+    assert small.tolist() == [1.0, 4.0, 1.0, 4.0]
+    rare = slice_weights([vol], 3.0, rule="rarity")[0]
+    # shares: liver 3/4, pancreas 1/4, adrenal 1/4 -> r = 1/3, 1, 1
+    np.testing.assert_allclose(rare, [2.0, 4.0, 2.0, 4.0])
+    with pytest.raises(ValueError, match="rule"):
+        slice_weights([vol], rule="nope")

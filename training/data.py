@@ -151,18 +151,27 @@ def augment(img: np.ndarray, lab: np.ndarray | None, rng: np.random.Generator, c
     return np.ascontiguousarray(img, dtype=np.float32), (np.ascontiguousarray(lab) if lab is not None else None)
 
 
-def slice_weights(vols: list[Volume], small_boost: float = 3.0, small_organs=SMALL_ORGANS) -> list[np.ndarray]:
-    """Per-slice sampling weights: 1, plus ``small_boost`` where a small organ is present.
+def slice_weights(vols: list[Volume], small_boost: float = 3.0, small_organs=SMALL_ORGANS,
+                  rule: str = "small") -> list[np.ndarray]:
+    """Per-slice sampling weights against the class imbalance of axial slices.
 
-    With boost 3 a slice showing an adrenal gland, the gallbladder, the esophagus, the
-    pancreas or the duodenum is drawn 4 times as often as one without."""
-    out = []
-    for v in vols:
-        present = np.zeros(v.labels.shape[0], bool)
-        for z in range(v.labels.shape[0]):
-            present[z] = np.isin(v.labels[z], small_organs).any()
-        out.append(1.0 + small_boost * present)
-    return out
+    ``rule="small"``: 1, plus ``small_boost`` where one of ``small_organs`` is present
+    (boost 3: a slice showing an adrenal gland, the gallbladder, the esophagus, the
+    pancreas or the duodenum is drawn 4 times as often as one without).
+    ``rule="rarity"``: 1 + small_boost * max over the organs present of r_o, where r_o is
+    the inverse of the share of slices showing organ o, scaled so the rarest organ has 1:
+    the rarer the rarest organ on a slice, the more often it is drawn."""
+    present = [np.stack([np.bincount(np.asarray(v.labels[z]).ravel(), minlength=14)[1:14] > 0
+                         for z in range(v.labels.shape[0])]) for v in vols]
+    if rule == "small":
+        cols = [o - 1 for o in small_organs]
+        return [1.0 + small_boost * p[:, cols].any(axis=1) for p in present]
+    if rule != "rarity":
+        raise ValueError(f"slice weighting rule must be 'small' or 'rarity', got {rule!r}")
+    share = np.concatenate(present).mean(axis=0)
+    inv = np.where(share > 0, 1.0 / np.maximum(share, 1e-9), 0.0)
+    r = inv / inv.max() if inv.max() > 0 else inv
+    return [1.0 + small_boost * (p * r).max(axis=1) for p in present]
 
 
 class SliceSampler:

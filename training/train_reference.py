@@ -40,7 +40,8 @@ class ReferenceTrainConfig(T.RunConfig):
     cps_weight: float = 1.5
     cps_loss: str = "dice"  # or "ce"
     rampup: float = 0.3
-    small_organ_boost: float = 3.0
+    small_organ_boost: float = 10.0
+    sampling_rule: str = "rarity"  # or "small" (training.data.slice_weights)
     augment: bool = True
     unlabelled: str = ""
 
@@ -121,7 +122,8 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
     if info.world > 1:
         nets = [DDP(n) for n in nets]
 
-    weights = slice_weights(labelled, cfg.small_organ_boost) if cfg.small_organ_boost > 0 else None
+    weights = (slice_weights(labelled, cfg.small_organ_boost, rule=cfg.sampling_rule)
+               if cfg.small_organ_boost > 0 else None)
     lab_sampler = SliceSampler(labelled, weights, cfg.seed * 1000 + info.rank)
     unl_sampler = SliceSampler(unlabelled, None, cfg.seed * 1000 + 500 + info.rank) if unlabelled else None
     if sampler_state:
@@ -233,8 +235,10 @@ def add_arguments(p) -> None:
     p.add_argument("--cps-loss", choices=("dice", "ce"), default="dice")
     p.add_argument("--cps-rampup", type=float, default=0.3,
                    help="fraction of the run over which the CPS weight ramps up to --cps-weight")
-    p.add_argument("--small-organ-boost", type=float, default=3.0,
-                   help="extra sampling weight of slices showing a small organ (0: uniform)")
+    p.add_argument("--small-organ-boost", type=float, default=10.0,
+                   help="extra sampling weight of slices showing a rare organ (0: uniform)")
+    p.add_argument("--sampling-rule", choices=("small", "rarity"), default="rarity",
+                   help="small: boost slices showing a small organ; rarity: boost by the rarest organ present")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this much wall time")
@@ -249,7 +253,7 @@ def run(args) -> int:
     cfg = ReferenceTrainConfig(
         model=args.config, iterations=args.iterations, batch_labelled=args.batch_labelled,
         batch_unlabelled=args.batch_unlabelled, lr=args.lr, cps_weight=args.cps_weight, cps_loss=args.cps_loss, rampup=args.cps_rampup,
-        small_organ_boost=args.small_organ_boost, augment=not args.no_augment, val_every=args.val_every, max_minutes=args.max_minutes,
+        small_organ_boost=args.small_organ_boost, sampling_rule=args.sampling_rule, augment=not args.no_augment, val_every=args.val_every, max_minutes=args.max_minutes,
         seed=args.seed, device=args.device, labelled=args.labelled, unlabelled=args.unlabelled, val=args.val,
         cache_dir=args.cache_dir,
     )
