@@ -36,6 +36,7 @@ from .bundle import Bundle, load_bundle
 from .ctio import read_ct, write_labels
 from .efficiency import ResourceMonitor
 from .predict import PredictOptions, Predictor
+from .propagation import PUBLISHED
 
 log = logging.getLogger("flare22")
 
@@ -102,7 +103,7 @@ def _variants(args) -> list[tuple[str, PredictOptions]]:
 
 def _ablation() -> list[tuple[str, dict]]:
     """The published propagation, then each cost switch turned on in turn."""
-    pub = {"skip_absent": False, "early_stop": False, "crop": False}
+    pub = dict(PUBLISHED)
     return [
         ("published", pub),
         ("+skip absent organs", {**pub, "skip_absent": True}),

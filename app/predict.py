@@ -31,7 +31,7 @@ from .backends import DEVICES, load_backends
 from .bundle import Bundle, load_bundle
 from .ctio import CTProperties, case_name, list_cases, read_ct, write_labels, write_map
 from .errors import BundleError, Flare22Error
-from .propagation import PropagationConfig, PropagationEngine
+from .propagation import PUBLISHED, PropagationConfig, PropagationEngine
 from .resize import argmax_resized, resize_stack
 from .windowing import window_slices
 
@@ -460,7 +460,7 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     prop = {}
     if args.published_propagation:
-        prop = {"skip_absent": False, "early_stop": False, "crop": False}
+        prop = dict(PUBLISHED)
     opts = PredictOptions(batch=args.batch, mode=args.mode, device=args.device, backend=args.backend,
                           threads=args.threads, propagation=prop, uncertainty=args.uncertainty)
     t0 = time.perf_counter()

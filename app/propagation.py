@@ -86,6 +86,10 @@ class NumpyMemoryMixin:
         return np.asarray(x)
 
 
+# The switches that turn this engine's propagation into the published one.
+PUBLISHED = {"skip_absent": False, "early_stop": False, "crop": False}
+
+
 @dataclass
 class PropagationConfig:
     top_k: int = 20
@@ -108,7 +112,7 @@ class PropagationConfig:
     @classmethod
     def published(cls, **kw) -> "PropagationConfig":
         """The authors' propagation: every organ, every slice, full frame, both directions."""
-        return cls(skip_absent=False, early_stop=False, crop=False, **kw)
+        return cls(**{**PUBLISHED, **kw})
 
     def to_json(self) -> dict:
         return asdict(self)

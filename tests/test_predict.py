@@ -491,3 +491,16 @@ def test_review_list_and_uncertainty_map(tiny_bundle, phantom_cases, tmp_path):
         u = sitk.GetArrayFromImage(umap)
         assert u.min() >= 0.0 and u.max() <= 1.0 + 1e-6
     assert not list(out.glob("*_uncertainty.nii.gz"))  # maps go to the report folder
+
+
+def test_published_propagation_flag_switches_the_cost_levers_off(tiny_bundle, phantom_cases, tmp_path):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "app.cli", "predict", "-i", str(phantom_cases), "-o", str(out),
+                        "--bundle", str(tiny_bundle), "--threads", "1", "--quiet", "--published-propagation"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "Phantom_0001.json").read_text())
+    cfg = report["propagation"]["config"]
+    assert (cfg["skip_absent"], cfg["early_stop"], cfg["crop"]) == (False, False, False)
+    # the published schedule decodes every organ on every non-reference slice of each pass
+    assert report["propagation"]["decoded_cells"] == report["propagation"]["full_cells"]
