@@ -490,12 +490,8 @@ class PropagationResult:
             for o in range(1, self.num_organs + 1):
                 out[o - 1] = m == o
             return out
-        for organ, (y0, y1, x0, x1), p in self.entries.get(t, []):
-            s = self.stride
-            out[organ - 1, y0 * s : y1 * s, x0 * s : x1 * s] += p
-        votes = self.votes[t]
-        nz = votes > 0
-        out[nz] /= votes[nz, None, None]
+        ids, p = self.compact_probs(t)
+        out[ids - 1] = p
         return out
 
     def compact_probs(self, t: int) -> tuple[np.ndarray, np.ndarray]:
