@@ -194,6 +194,7 @@ class Structure:
     lumen_mottle: float = 0.0
     gas_below_y: float = -np.inf  # lumen voxels with atlas y below this hold gas
     medulla_hu: float = 0.0
+    erase: bool = False  # label 0 that also clears the labels it covers (fat around a gland)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         grow = 1.0 + 2.0 * self.amp + 0.02
@@ -389,9 +390,16 @@ def draw_patient(rng: np.random.Generator) -> Patient:
         lumen_hu=AIR if rng.uniform() < 0.5 else 20.0, region="through"))
     for label, c, semi, a in ((R_ADRENAL, (-42, 36, 72), (6, 13, 16), (70, 0, 0)),
                               (L_ADRENAL, (40, 33, 60), (6, 13, 16), (-30, 0, 0))):
+        centre, semi_mm, angles = jit(c, 3), size(semi), ang(a, 8)
+        # Each gland lies in its own pad of retroperitoneal fat. Without it the right one,
+        # which sits against the liver's bare area, was drawn inside the liver at the
+        # liver's density: an organ nobody could see. (No random draw here: the rest of
+        # the patient stays as the seed made it.)
         s.append(Structure(
-            ORGANS[label], label, parts=[Ellipsoid(jit(c, 3), size(semi), ang(a, 8))],
-            amp=0.05, noise=noise((25, 60)), hu=hu(30, 30), tex=3))
+            "adrenal_fat", 0, parts=[Ellipsoid(centre, semi_mm + 5.0, angles)],
+            amp=0.0, hu=FAT + 15.0, tex=0.0, erase=True))
+        s.append(Structure(ORGANS[label], label, parts=[Ellipsoid(centre, semi_mm, angles)], amp=0.05, noise=noise((25, 60)),
+                           hu=hu(30, 30), tex=3))
 
     # Unlabelled structures under the organs (painted first) ...
     oral = rng.uniform() < 0.3
@@ -684,7 +692,7 @@ def _paint(s: Structure, c: _Chunk, *, label_only_over=None) -> None:
     else:
         raise ValueError(f"unknown structure kind {s.kind!r}")
     hu[inside] = vals[inside]
-    if s.label:
+    if s.label or s.erase:
         c.lab[sz, sy, sx][inside] = s.label
 
 

@@ -97,6 +97,20 @@ def test_anatomical_sides(small_cases):
         assert centre[9][1] < centre[2][1], f"seed {seed}: gallbladder not anterior to the right kidney"
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_adrenal_glands_are_visible_in_fat(seed):
+    """Each gland sits in fat, not inside the liver at the liver's density (the right one
+    once did: an organ no model could see)."""
+    from scipy import ndimage
+
+    case = phantom.generate(seed, (48, 128, 128))
+    for label in (7, 8):  # right, left adrenal gland
+        gland = case.labels == label
+        ring = ndimage.binary_dilation(gland, iterations=1) & ~gland
+        assert np.mean(case.labels[ring] == 0) > 0.5, f"seed {seed}: {ORGANS[label]} not in fat"
+        assert case.image[gland].mean() - case.image[ring].mean() > 40, f"seed {seed}: {ORGANS[label]} invisible"
+
+
 def test_same_seed_same_bytes():
     a = phantom.generate(11, SMALL)
     b = phantom.generate(11, SMALL)
