@@ -2,7 +2,7 @@
 
     python bench/learnability.py reference   --minutes 10 [--unlabelled 0]
     python bench/learnability.py propagation --minutes 10
-    python bench/learnability.py semi        --iterations 300      # CPS vs labelled-only
+    python bench/learnability.py semi        --iterations 3000 --minutes 0 [--arm cps|sup]  # CPS vs labelled-only
     python bench/learnability.py real        --minutes 10          # train on TotalSegEx_0001, score 0003
 
 Data: 16 labelled phantoms of 128 x 128 x 48 (the `tiny` input size), 4 held-out; all
@@ -63,9 +63,11 @@ def reference(args, unlabelled: bool, tag: str, n_lab=16):
     lab = d / "lab" if n_lab == 16 else _subset(d / "lab", n_lab)
     cfg = TR.ReferenceTrainConfig(model="tiny", iterations=args.iterations, lr=args.lr, batch_labelled=args.batch,
                                   batch_unlabelled=args.batch if unlabelled else 0, labelled=str(lab),
-                                  unlabelled=str(d / "unl") if unlabelled else "", val_every=10**9,
+                                  unlabelled=str(d / "unl") if unlabelled else "",
+                                  val=str(d / "val") if args.val_every else "", val_every=args.val_every or 10**9,
                                   max_minutes=args.minutes, seed=args.seed, device="cpu",
                                   cps_weight=args.cps_weight if unlabelled else 0.0, rampup=args.rampup,
+                                  cps_loss=args.cps_loss, cps_threshold=args.threshold, cps_start=args.start,
                                   sampling_rule=args.sampling_rule, small_organ_boost=args.boost)
     t0 = time.time()
     s = TR.train(cfg, OUT / tag, progress=False)
@@ -137,9 +139,16 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--cps-weight", type=float, default=1.5)
     p.add_argument("--rampup", type=float, default=0.3, help="fraction of the run over which the CPS weight ramps up")
+    p.add_argument("--start", type=float, default=0.0, help="fraction of the run before the CPS ramp begins")
+    p.add_argument("--cps-loss", default="dice", choices=("dice", "ce"))
+    p.add_argument("--threshold", type=float, default=0.0, help="CPS confidence threshold on the peer's labels")
+    p.add_argument("--arm", default="both", choices=("both", "cps", "sup"),
+                   help="semi: which arm(s) to run (run them as two processes to use two cores)")
+    p.add_argument("--val-every", type=int, default=0,
+                   help="log held-out DSC into the run's log.jsonl every N iterations (the figure is still the last checkpoint's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampling-rule", default="small", choices=("small", "rarity"))
-    p.add_argument("--boost", type=float, default=3.0)
+    p.add_argument("--sampling-rule", default="rarity", choices=("small", "rarity"))
+    p.add_argument("--boost", type=float, default=10.0)
     p.add_argument("--tag", default="reference")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -148,13 +157,21 @@ def main():
     elif args.what == "propagation":
         res = propagation(args)
     elif args.what == "semi":
-        tag = f"semi_cps_w{args.cps_weight}_r{args.rampup}"
-        res = {"cps_2_lab_16_unl": reference(args, True, tag, n_lab=2)}
-        if not (OUT / "semi_sup" / "last.pt").exists():
-            res["sup_2_lab"] = reference(args, False, "semi_sup", n_lab=2)
+        # One JSON per arm, named by everything that changes it, so arms run as separate
+        # processes and a labelled-only baseline is reused by every CPS variant.
+        run = f"i{args.iterations}_s{args.seed}_{args.sampling_rule}{args.boost:g}"
+        arms = {"cps": (True, f"semi_cps_{args.cps_loss}_w{args.cps_weight:g}_st{args.start:g}_r{args.rampup:g}_t{args.threshold:g}_{run}"),
+                "sup": (False, f"semi_sup_{run}")}
+        res = {}
+        for arm in ("sup", "cps") if args.arm == "both" else (args.arm,):
+            unl, tag = arms[arm]
+            res[tag] = reference(args, unl, tag, n_lab=2)
+            (OUT / f"{tag}.json").write_text(json.dumps(res[tag], indent=1, default=str))
+        print(json.dumps(res, indent=1, default=str))
+        return
     else:
         res = real(args)
-    name = {"semi": f"semi_w{args.cps_weight}_r{args.rampup}", "reference": args.tag}.get(args.what, args.what)
+    name = {"reference": args.tag}.get(args.what, args.what)
     (OUT / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res, indent=1, default=str))
 

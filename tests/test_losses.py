@@ -11,6 +11,7 @@ from training.losses import (
     OHEM_THRESHOLD,
     DiceCELoss,
     OhemLovaszLoss,
+    cross_pseudo_supervision,
     lovasz_grad,
     lovasz_softmax,
     ohem_cross_entropy,
@@ -69,6 +70,43 @@ def test_dice_ce_perfect_prediction_and_label_smoothing_floor():
     # (0.1 * 2/3) * 30 for the off classes, close to 2.0.
     smoothed = DiceCELoss(label_smoothing=0.1, dice_weight=0.0)(logits, t).item()
     assert smoothed == pytest.approx(0.1 * 2 / 3 * 30.0, rel=1e-3)
+
+
+def test_cps_without_threshold_is_the_loss_on_the_peers_argmax():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    ce_a, ce_b = cross_pseudo_supervision(a, b, loss="ce")
+    assert ce_a.item() == pytest.approx(F.cross_entropy(a, b.argmax(1)).item(), rel=1e-6)
+    assert ce_b.item() == pytest.approx(F.cross_entropy(b, a.argmax(1)).item(), rel=1e-6)
+    dice_a, _ = cross_pseudo_supervision(a, b, loss="dice")
+    assert dice_a.item() == pytest.approx(soft_dice_loss(a, b.argmax(1), classes="present").item(), rel=1e-6)
+
+
+def test_cps_threshold_keeps_only_the_peers_confident_pixels():
+    torch.manual_seed(1)
+    a = torch.randn(1, 3, 8, 8)
+    peer = torch.zeros(1, 3, 8, 8)  # uniform (p = 1/3) everywhere ...
+    peer[0, 2, :4] = 10.0  # ... but sure of class 2 on the top half
+    ce_a, _ = cross_pseudo_supervision(a, peer, loss="ce", threshold=0.9)
+    expected = F.cross_entropy(a[..., :4, :], torch.full((1, 4, 8), 2))
+    assert ce_a.item() == pytest.approx(expected.item(), rel=1e-6)
+    # Nothing confident enough: a zero loss that still backpropagates.
+    a.requires_grad_(True)
+    none_a, _ = cross_pseudo_supervision(a, torch.zeros(1, 3, 8, 8), loss="dice", threshold=0.5)
+    none_a.backward()
+    assert none_a.item() == 0.0 and a.grad is not None
+
+
+def test_cps_gradients_reach_each_network_only_through_its_own_logits():
+    torch.manual_seed(2)
+    a = torch.randn(2, 3, 8, 8, requires_grad=True)
+    b = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss_a, _ = cross_pseudo_supervision(a, b, loss="ce")
+    loss_a.backward()
+    assert a.grad.abs().sum() > 0
+    assert b.grad is None  # the peer's label is detached
+    with pytest.raises(ValueError, match="dice"):
+        cross_pseudo_supervision(a, b, loss="l2")
 
 
 def test_ohem_select_keeps_threshold_or_at_least_min_kept():

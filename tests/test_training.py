@@ -93,6 +93,18 @@ def test_curriculum_rises_then_falls():
     assert skips[0] == 3 and max(skips) == 7 and skips[-1] == 3
 
 
+def test_cps_weight_waits_for_its_start_then_ramps_to_full():
+    cfg = TR.ReferenceTrainConfig(iterations=100, cps_weight=2.0, cps_start=0.5, rampup=0.2)
+    ws = [TR.cps_rampup(i, cfg) for i in range(100)]
+    assert ws[:50] == [0.0] * 50  # labels alone for the first half
+    assert ws[50] == pytest.approx(2.0 * np.exp(-5))
+    assert all(b >= a for a, b in zip(ws, ws[1:]))
+    assert ws[70] == ws[99] == pytest.approx(2.0)
+    paper = TR.ReferenceTrainConfig(iterations=100, cps_weight=1.5, rampup=0.3)  # starts at once
+    assert TR.cps_rampup(0, paper) == pytest.approx(1.5 * np.exp(-5))
+    assert TR.cps_rampup(15, paper) == pytest.approx(1.5 * np.exp(-1.25))
+
+
 def test_ddp_two_cpu_processes(folders, tmp_path):
     env = {**os.environ, "FLARE22_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",

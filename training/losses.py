@@ -20,6 +20,7 @@ from torch import nn
 __all__ = [
     "soft_dice_loss",
     "DiceCELoss",
+    "cross_pseudo_supervision",
     "ohem_select",
     "ohem_cross_entropy",
     "lovasz_grad",
@@ -113,6 +114,39 @@ class DiceCELoss(nn.Module):
             ignore_index=self.ignore_index,
         )
         return self.dice_weight * dice + self.ce_weight * ce
+
+
+def cross_pseudo_supervision(
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    *,
+    loss: Literal["dice", "ce"] = "dice",
+    threshold: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPS losses of a pair: each network against its peer's hard (argmax) prediction.
+
+    `loss="dice"` is the paper's soft Dice over the classes present in the pseudo label;
+    `"ce"` is the CPS paper's cross-entropy. With `threshold > 0` a peer pixel whose top
+    softmax probability is below it counts nowhere (a confidence mask, as in FixMatch):
+    early in training the peers' labels are mostly wrong, and learning from the confident
+    pixels only keeps the pair from agreeing on background. Returns (loss of a, loss of b).
+    """
+    if loss not in ("dice", "ce"):
+        raise ValueError(f"loss must be 'dice' or 'ce', got {loss!r}")
+    ignore = -100
+
+    def pseudo(logits: torch.Tensor) -> torch.Tensor:
+        conf, label = logits.detach().float().softmax(1).max(1)
+        return torch.where(conf >= threshold, label, torch.full_like(label, ignore))
+
+    def one(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not bool((target != ignore).any()):
+            return logits.sum() * 0.0
+        if loss == "ce":
+            return F.cross_entropy(logits.float(), target, ignore_index=ignore)
+        return soft_dice_loss(logits, target, classes="present", ignore_index=ignore)
+
+    return one(logits_a, pseudo(logits_b)), one(logits_b, pseudo(logits_a))
 
 
 def ohem_select(pixel_losses: torch.Tensor, *, threshold: float, min_kept: int) -> torch.Tensor:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from app.labels import ORGANS
@@ -26,7 +25,7 @@ from app.resize import resize_stack
 from app.scoring import dice
 from training import trainer as T
 from training.data import AugmentConfig, SliceSampler, Volume, load_folder, slice_inputs, slice_weights
-from training.losses import DiceCELoss, soft_dice_loss
+from training.losses import DiceCELoss, cross_pseudo_supervision
 from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
 
 KIND = "reference"
@@ -39,7 +38,9 @@ class ReferenceTrainConfig(T.RunConfig):
     label_smoothing: float = 0.1
     cps_weight: float = 1.5
     cps_loss: str = "dice"  # or "ce"
+    cps_threshold: float = 0.0  # peer pixels less confident than this are ignored
     rampup: float = 0.3
+    cps_start: float = 0.0  # fraction of the run trained on labels alone before CPS begins
     small_organ_boost: float = 10.0
     sampling_rule: str = "rarity"  # or "small" (training.data.slice_weights)
     augment: bool = True
@@ -47,7 +48,12 @@ class ReferenceTrainConfig(T.RunConfig):
 
 
 def cps_rampup(it: int, cfg: ReferenceTrainConfig) -> float:
-    t = min(1.0, it / max(1.0, cfg.rampup * cfg.iterations))
+    """The CPS weight at iteration ``it``: 0 before ``cps_start`` (a fraction of the run),
+    then w * exp(-5 (1 - t)^2) with t going 0 -> 1 over the next ``rampup`` fraction."""
+    begin = cfg.cps_start * cfg.iterations
+    if it < begin:
+        return 0.0
+    t = min(1.0, (it - begin) / max(1.0, cfg.rampup * cfg.iterations))
     return cfg.cps_weight * math.exp(-5 * (1 - t) ** 2)
 
 
@@ -156,12 +162,7 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
             logits = [n(xt, pt) for n in nets]
             sup = [sup_loss(lg[:nl].float(), yt) for lg in logits]
             w = cps_rampup(it, cfg)
-            pseudo = [lg.detach().argmax(1) for lg in logits]
-            if cfg.cps_loss == "ce":
-                cps = [F.cross_entropy(logits[0].float(), pseudo[1]), F.cross_entropy(logits[1].float(), pseudo[0])]
-            else:
-                cps = [soft_dice_loss(logits[0], pseudo[1], classes="present"),
-                       soft_dice_loss(logits[1], pseudo[0], classes="present")]
+            cps = cross_pseudo_supervision(*logits, loss=cfg.cps_loss, threshold=cfg.cps_threshold)
             loss = sup[0] + sup[1] + w * (cps[0] + cps[1])
         for o in opts:
             o.zero_grad(set_to_none=True)
@@ -233,8 +234,12 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--cps-weight", type=float, default=1.5)
     p.add_argument("--cps-loss", choices=("dice", "ce"), default="dice")
+    p.add_argument("--cps-threshold", type=float, default=0.0,
+                   help="ignore peer pixels whose top probability is below this (0: every pixel, the paper)")
     p.add_argument("--cps-rampup", type=float, default=0.3,
                    help="fraction of the run over which the CPS weight ramps up to --cps-weight")
+    p.add_argument("--cps-start", type=float, default=0.0,
+                   help="fraction of the run trained on the labelled slices alone before the CPS ramp begins")
     p.add_argument("--small-organ-boost", type=float, default=10.0,
                    help="extra sampling weight of slices showing a rare organ (0: uniform)")
     p.add_argument("--sampling-rule", choices=("small", "rarity"), default="rarity",
@@ -252,7 +257,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     cfg = ReferenceTrainConfig(
         model=args.config, iterations=args.iterations, batch_labelled=args.batch_labelled,
-        batch_unlabelled=args.batch_unlabelled, lr=args.lr, cps_weight=args.cps_weight, cps_loss=args.cps_loss, rampup=args.cps_rampup,
+        batch_unlabelled=args.batch_unlabelled, lr=args.lr, cps_weight=args.cps_weight, cps_loss=args.cps_loss,
+        cps_threshold=args.cps_threshold, rampup=args.cps_rampup, cps_start=args.cps_start,
         small_organ_boost=args.small_organ_boost, sampling_rule=args.sampling_rule, augment=not args.no_augment, val_every=args.val_every, max_minutes=args.max_minutes,
         seed=args.seed, device=args.device, labelled=args.labelled, unlabelled=args.unlabelled, val=args.val,
         cache_dir=args.cache_dir,
