@@ -1,5 +1,6 @@
 """Trainers: the loss falls, --resume continues exactly, DDP runs on 2 CPU processes, and
 bad training data is refused before training starts, naming the case."""
+import json
 import os
 import subprocess
 import sys
@@ -103,6 +104,27 @@ def test_cps_weight_waits_for_its_start_then_ramps_to_full():
     paper = TR.ReferenceTrainConfig(iterations=100, cps_weight=1.5, rampup=0.3)  # starts at once
     assert TR.cps_rampup(0, paper) == pytest.approx(1.5 * np.exp(-5))
     assert TR.cps_rampup(15, paper) == pytest.approx(1.5 * np.exp(-1.25))
+
+
+def test_cps_run_is_the_labelled_only_run_until_its_start(folders, tmp_path):
+    """Before the CPS weight rises the unlabelled slices are left out, so a delayed-CPS run
+    and a labelled-only run are the same, step for step: a paired comparison."""
+    common = dict(iterations=6, val_every=3, augment=True)
+    TR.train(ref_cfg(folders, tmp_path / "cache", unlabelled="", cps_weight=0.0, **common),
+             tmp_path / "sup", progress=False, stop_after=3)
+    TR.train(ref_cfg(folders, tmp_path / "cache", cps_start=0.5, **common), tmp_path / "cps", progress=False)
+    sup = torch.load(tmp_path / "sup" / "last.pt", weights_only=False)
+    cps = torch.load(tmp_path / "cps" / "last.pt", weights_only=False)
+    assert sup["iteration"] == 3 and cps["iteration"] == 6
+    log = [json.loads(r) for r in open(tmp_path / "cps" / "log.jsonl")]
+    cps_terms = [r["cps"] for r in log if r["event"] == "train"]
+    assert cps_terms[:3] == [0.0] * 3 and all(c > 0 for c in cps_terms[3:])
+    # the checkpoint at iteration 3 of the CPS run is the labelled-only one
+    TR.train(ref_cfg(folders, tmp_path / "cache", cps_start=0.5, **common), tmp_path / "cps3",
+             progress=False, stop_after=3)
+    mid = torch.load(tmp_path / "cps3" / "last.pt", weights_only=False)
+    for net in ("a", "b"):
+        assert all(torch.equal(sup["models"][net][k], mid["models"][net][k]) for k in sup["models"][net])
 
 
 def test_ddp_two_cpu_processes(folders, tmp_path):

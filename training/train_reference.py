@@ -149,7 +149,10 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
     t0 = time.time()
     for it in range(start, cfg.iterations):
         x, pos, y = lab_sampler.batch(cfg.batch_labelled, size, aug, with_labels=True)
-        if unl_sampler is not None:
+        w = cps_rampup(it, cfg)
+        # Before the CPS weight rises the unlabelled half of the batch would be computed for
+        # nothing: leave it out (the run is then the labelled-only run, step for step).
+        if unl_sampler is not None and w > 0:
             xu, posu = unl_sampler.batch(cfg.batch_unlabelled, size, aug, with_labels=False)
             x_all, pos_all = np.concatenate([x, xu]), np.concatenate([pos, posu])
         else:
@@ -161,9 +164,12 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
         with T.autocast(info.device, use_amp):
             logits = [n(xt, pt) for n in nets]
             sup = [sup_loss(lg[:nl].float(), yt) for lg in logits]
-            w = cps_rampup(it, cfg)
-            cps = cross_pseudo_supervision(*logits, loss=cfg.cps_loss, threshold=cfg.cps_threshold)
-            loss = sup[0] + sup[1] + w * (cps[0] + cps[1])
+            loss = sup[0] + sup[1]
+            if w > 0:
+                cps = cross_pseudo_supervision(*logits, loss=cfg.cps_loss, threshold=cfg.cps_threshold)
+                loss = loss + w * (cps[0] + cps[1])
+            else:
+                cps = (torch.zeros(()), torch.zeros(()))
         for o in opts:
             o.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
