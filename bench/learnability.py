@@ -2,7 +2,8 @@
 
     python bench/learnability.py reference   --minutes 10 [--unlabelled 0]
     python bench/learnability.py propagation --minutes 10
-    python bench/learnability.py semi        --iterations 3000 --minutes 0 [--arm cps|sup]  # CPS vs labelled-only
+    python bench/learnability.py semi        --iterations 2000 --minutes 0 --arm sup|cps [--seed S]  # CPS vs labelled-only
+    python bench/learnability.py semi-report                       # table of every finished arm
     python bench/learnability.py real        --minutes 10          # train on TotalSegEx_0001, score 0003
 
 Data: 16 labelled phantoms of 128 x 128 x 48 (the `tiny` input size), 4 held-out; all
@@ -130,16 +131,37 @@ def real(args):
     return res
 
 
+def semi_report() -> str:
+    """A Markdown table of every finished semi arm (one JSON each): mean DSC per seed, the
+    mean over seeds, and the per-organ means over seeds."""
+    runs: dict[str, dict[int, dict]] = {}
+    for f in sorted(OUT.glob("semi_*_i*_s*_*.json")):
+        res = json.loads(f.read_text())
+        arm, _, rest = f.stem.rpartition("_i")
+        its, seed = rest.split("_")[:2]
+        runs.setdefault(f"{arm} ({its} it)", {})[int(seed[1:])] = res
+    short = ("liver", "R kid", "spleen", "panc", "aorta", "IVC", "R adr", "L adr", "gallbl", "esoph", "stom", "duod", "L kid")
+    rows = ["| arm | seeds | mean DSC per seed | mean | " + " | ".join(short) + " |",
+            "|---|---|---|---|" + "---|" * len(ORGANS)]
+    for arm, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        means = [by_seed[k]["mean_dsc"] for k in seeds]
+        organ = [np.mean([by_seed[k]["per_organ"].get(str(o), np.nan) for k in seeds]) for o in ORGANS]
+        rows.append(f"| {arm} | {','.join(map(str, seeds))} | {' / '.join(f'{m:.3f}' for m in means)} | "
+                    f"**{np.mean(means):.3f}** | " + " | ".join(f"{v:.2f}" for v in organ) + " |")
+    return "\n".join(rows)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("reference", "propagation", "semi", "real"))
+    p.add_argument("what", choices=("reference", "propagation", "semi", "semi-report", "real"))
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--iterations", type=int, default=100000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--cps-weight", type=float, default=1.5)
-    p.add_argument("--rampup", type=float, default=0.3, help="fraction of the run over which the CPS weight ramps up")
-    p.add_argument("--start", type=float, default=0.0, help="fraction of the run before the CPS ramp begins")
+    p.add_argument("--rampup", type=float, default=0.2, help="fraction of the run over which the CPS weight ramps up")
+    p.add_argument("--start", type=float, default=0.5, help="fraction of the run before the CPS ramp begins")
     p.add_argument("--cps-loss", default="dice", choices=("dice", "ce"))
     p.add_argument("--threshold", type=float, default=0.0, help="CPS confidence threshold on the peer's labels")
     p.add_argument("--arm", default="both", choices=("both", "cps", "sup"),
@@ -152,6 +174,9 @@ def main():
     p.add_argument("--tag", default="reference")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.what == "semi-report":
+        print(semi_report())
+        return
     if args.what == "reference":
         res = reference(args, unlabelled=False, tag=args.tag)
     elif args.what == "propagation":

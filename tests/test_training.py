@@ -101,9 +101,11 @@ def test_cps_weight_waits_for_its_start_then_ramps_to_full():
     assert ws[50] == pytest.approx(2.0 * np.exp(-5))
     assert all(b >= a for a, b in zip(ws, ws[1:]))
     assert ws[70] == ws[99] == pytest.approx(2.0)
-    paper = TR.ReferenceTrainConfig(iterations=100, cps_weight=1.5, rampup=0.3)  # starts at once
-    assert TR.cps_rampup(0, paper) == pytest.approx(1.5 * np.exp(-5))
-    assert TR.cps_rampup(15, paper) == pytest.approx(1.5 * np.exp(-1.25))
+    at_once = TR.ReferenceTrainConfig(iterations=100, cps_weight=1.5, rampup=0.3, cps_start=0.0)
+    assert TR.cps_rampup(0, at_once) == pytest.approx(1.5 * np.exp(-5))
+    assert TR.cps_rampup(15, at_once) == pytest.approx(1.5 * np.exp(-1.25))
+    default = TR.ReferenceTrainConfig(iterations=100)  # the measured schedule: half on labels first
+    assert TR.cps_rampup(49, default) == 0.0 and TR.cps_rampup(70, default) == pytest.approx(default.cps_weight)
 
 
 def test_cps_run_is_the_labelled_only_run_until_its_start(folders, tmp_path):

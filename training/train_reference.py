@@ -3,8 +3,11 @@
 Supervised branch (both networks, labelled slices): Dice + cross-entropy with label
 smoothing. Unsupervised CPS branch (all slices of the batch, labelled and unlabelled):
 each network learns from its peer's hard (argmax) prediction, with Dice (the paper) or
-cross-entropy (the CPS paper), weight ``cps_weight`` ramped up as w * exp(-5 (1 - t)^2)
-over the first ``rampup`` fraction of the run.
+cross-entropy (the CPS paper), optionally only where the peer is confident
+(``cps_threshold``). Its weight is 0 for the first ``cps_start`` fraction of the run (the
+unlabelled slices are then not even computed), then ramps up as w * exp(-5 (1 - t)^2) over
+the next ``rampup`` fraction: from-scratch peers first learn from the labels, then from
+each other.
 
     flare22 train-reference --labelled DIR [--unlabelled DIR] [--val DIR] --out DIR \
         --config tiny --iterations 2000
@@ -39,8 +42,11 @@ class ReferenceTrainConfig(T.RunConfig):
     cps_weight: float = 1.5
     cps_loss: str = "dice"  # or "ce"
     cps_threshold: float = 0.0  # peer pixels less confident than this are ignored
-    rampup: float = 0.3
-    cps_start: float = 0.0  # fraction of the run trained on labels alone before CPS begins
+    # The CPS schedule: labels alone for the first half, then the weight ramps up over the
+    # next 20 % (bench/learnability.py semi: CPS from the start lost to labelled-only; this
+    # schedule beat it on 3 seeds of 3). cps_start=0 gives CPS from the first iteration.
+    rampup: float = 0.2
+    cps_start: float = 0.5  # fraction of the run trained on labels alone before CPS begins
     small_organ_boost: float = 10.0
     sampling_rule: str = "rarity"  # or "small" (training.data.slice_weights)
     augment: bool = True
@@ -242,10 +248,11 @@ def add_arguments(p) -> None:
     p.add_argument("--cps-loss", choices=("dice", "ce"), default="dice")
     p.add_argument("--cps-threshold", type=float, default=0.0,
                    help="ignore peer pixels whose top probability is below this (0: every pixel, the paper)")
-    p.add_argument("--cps-rampup", type=float, default=0.3,
+    p.add_argument("--cps-rampup", type=float, default=0.2,
                    help="fraction of the run over which the CPS weight ramps up to --cps-weight")
-    p.add_argument("--cps-start", type=float, default=0.0,
-                   help="fraction of the run trained on the labelled slices alone before the CPS ramp begins")
+    p.add_argument("--cps-start", type=float, default=0.5,
+                   help="fraction of the run trained on the labelled slices alone before the CPS ramp begins "
+                        "(0: CPS from the first iteration, as in the CPS paper)")
     p.add_argument("--small-organ-boost", type=float, default=10.0,
                    help="extra sampling weight of slices showing a rare organ (0: uniform)")
     p.add_argument("--sampling-rule", choices=("small", "rarity"), default="rarity",
