@@ -69,6 +69,7 @@ def reference(args, unlabelled: bool, tag: str, n_lab=16):
                                   max_minutes=args.minutes, seed=args.seed, device="cpu",
                                   cps_weight=args.cps_weight if unlabelled else 0.0, rampup=args.rampup,
                                   cps_loss=args.cps_loss, cps_threshold=args.threshold, cps_start=args.start,
+                                  cps_on=args.cps_on,
                                   sampling_rule=args.sampling_rule, small_organ_boost=args.boost)
     t0 = time.time()
     s = TR.train(cfg, OUT / tag, progress=False)
@@ -162,6 +163,7 @@ def main():
     p.add_argument("--cps-weight", type=float, default=1.5)
     p.add_argument("--rampup", type=float, default=0.2, help="fraction of the run over which the CPS weight ramps up")
     p.add_argument("--start", type=float, default=0.5, help="fraction of the run before the CPS ramp begins")
+    p.add_argument("--cps-on", default="all", choices=("all", "unlabelled"), help="slices the CPS loss covers")
     p.add_argument("--cps-loss", default="dice", choices=("dice", "ce"))
     p.add_argument("--threshold", type=float, default=0.0, help="CPS confidence threshold on the peer's labels")
     p.add_argument("--arm", default="both", choices=("both", "cps", "sup"),
@@ -185,7 +187,8 @@ def main():
         # One JSON per arm, named by everything that changes it, so arms run as separate
         # processes and a labelled-only baseline is reused by every CPS variant.
         run = f"i{args.iterations}_s{args.seed}_{args.sampling_rule}{args.boost:g}"
-        arms = {"cps": (True, f"semi_cps_{args.cps_loss}_w{args.cps_weight:g}_st{args.start:g}_r{args.rampup:g}_t{args.threshold:g}_{run}"),
+        arms = {"cps": (True, f"semi_cps_{args.cps_loss}_w{args.cps_weight:g}_st{args.start:g}_r{args.rampup:g}_t{args.threshold:g}"
+                       f"{'_unl' if args.cps_on == 'unlabelled' else ''}_{run}"),
                 "sup": (False, f"semi_sup_{run}")}
         res = {}
         for arm in ("sup", "cps") if args.arm == "both" else (args.arm,):

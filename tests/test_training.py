@@ -129,6 +129,22 @@ def test_cps_run_is_the_labelled_only_run_until_its_start(folders, tmp_path):
         assert all(torch.equal(sup["models"][net][k], mid["models"][net][k]) for k in sup["models"][net])
 
 
+def test_cps_terms_cover_all_slices_or_the_unlabelled_ones():
+    from training.losses import cross_pseudo_supervision
+
+    torch.manual_seed(3)
+    a, b = torch.randn(6, 14, 8, 8), torch.randn(6, 14, 8, 8)  # 2 labelled, then 4 unlabelled
+    every = TR.cps_terms((a, b), 2, TR.ReferenceTrainConfig())
+    unl = TR.cps_terms((a, b), 2, TR.ReferenceTrainConfig(cps_on="unlabelled"))
+    assert torch.equal(every[0], cross_pseudo_supervision(a, b)[0])
+    assert torch.equal(unl[0], cross_pseudo_supervision(a[2:], b[2:])[0])
+    assert not torch.equal(every[0], unl[0])
+    with pytest.raises(ValueError, match="cps_on"):
+        TR.cps_terms((a, b), 2, TR.ReferenceTrainConfig(cps_on="labelled"))
+    with pytest.raises(ValueError, match="cps_loss"):  # before training starts
+        TR.train(TR.ReferenceTrainConfig(cps_loss="l2"), "/nonexistent/run", progress=False)
+
+
 def test_ddp_two_cpu_processes(folders, tmp_path):
     env = {**os.environ, "FLARE22_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",

@@ -42,6 +42,7 @@ class ReferenceTrainConfig(T.RunConfig):
     cps_weight: float = 1.5
     cps_loss: str = "dice"  # or "ce"
     cps_threshold: float = 0.0  # peer pixels less confident than this are ignored
+    cps_on: str = "all"  # CPS on every slice of the batch (the CPS paper), or "unlabelled" only
     # The CPS schedule: labels alone for the first half, then the weight ramps up over the
     # next 20 % (bench/learnability.py semi: CPS from the start lost to labelled-only; this
     # schedule beat it on 3 seeds of 3). cps_start=0 gives CPS from the first iteration.
@@ -61,6 +62,16 @@ def cps_rampup(it: int, cfg: ReferenceTrainConfig) -> float:
         return 0.0
     t = min(1.0, (it - begin) / max(1.0, cfg.rampup * cfg.iterations))
     return cfg.cps_weight * math.exp(-5 * (1 - t) ** 2)
+
+
+def cps_terms(logits, n_labelled: int, cfg: ReferenceTrainConfig):
+    """The pair's CPS losses on the batch (labelled slices first, then unlabelled ones):
+    over every slice, or with ``cps_on="unlabelled"`` over the unlabelled ones alone."""
+    if cfg.cps_on not in ("all", "unlabelled"):
+        raise ValueError(f"cps_on must be 'all' or 'unlabelled', got {cfg.cps_on!r}")
+    first = n_labelled if cfg.cps_on == "unlabelled" else 0
+    return cross_pseudo_supervision(logits[0][first:], logits[1][first:], loss=cfg.cps_loss,
+                                    threshold=cfg.cps_threshold)
 
 
 @torch.no_grad()
@@ -104,6 +115,10 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
     if resume:
         state = T.load_checkpoint(resume, KIND)
         cfg = ReferenceTrainConfig(**{**state["config"], "milestones": tuple(state["config"]["milestones"])})
+    if cfg.cps_on not in ("all", "unlabelled") or cfg.cps_loss not in ("dice", "ce"):
+        # caught here, not halfway through the run when the CPS branch first switches on
+        raise ValueError(f"cps_on must be 'all' or 'unlabelled' and cps_loss 'dice' or 'ce', "
+                         f"got {cfg.cps_on!r} and {cfg.cps_loss!r}")
     T.seed_everything(cfg.seed + info.rank)
     size = REFERENCE_CONFIGS[cfg.model].image_size
     cache = cfg.cache_dir or None
@@ -172,7 +187,7 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
             sup = [sup_loss(lg[:nl].float(), yt) for lg in logits]
             loss = sup[0] + sup[1]
             if w > 0:
-                cps = cross_pseudo_supervision(*logits, loss=cfg.cps_loss, threshold=cfg.cps_threshold)
+                cps = cps_terms(logits, nl, cfg)
                 loss = loss + w * (cps[0] + cps[1])
             else:
                 cps = (torch.zeros(()), torch.zeros(()))
@@ -248,6 +263,8 @@ def add_arguments(p) -> None:
     p.add_argument("--cps-loss", choices=("dice", "ce"), default="dice")
     p.add_argument("--cps-threshold", type=float, default=0.0,
                    help="ignore peer pixels whose top probability is below this (0: every pixel, the paper)")
+    p.add_argument("--cps-on", choices=("all", "unlabelled"), default="all",
+                   help="slices the CPS loss covers: all of the batch (the CPS paper) or the unlabelled ones")
     p.add_argument("--cps-rampup", type=float, default=0.2,
                    help="fraction of the run over which the CPS weight ramps up to --cps-weight")
     p.add_argument("--cps-start", type=float, default=0.5,
@@ -272,6 +289,7 @@ def run(args) -> int:
         model=args.config, iterations=args.iterations, batch_labelled=args.batch_labelled,
         batch_unlabelled=args.batch_unlabelled, lr=args.lr, cps_weight=args.cps_weight, cps_loss=args.cps_loss,
         cps_threshold=args.cps_threshold, rampup=args.cps_rampup, cps_start=args.cps_start,
+        cps_on=args.cps_on,
         small_organ_boost=args.small_organ_boost, sampling_rule=args.sampling_rule, augment=not args.no_augment, val_every=args.val_every, max_minutes=args.max_minutes,
         seed=args.seed, device=args.device, labelled=args.labelled, unlabelled=args.unlabelled, val=args.val,
         cache_dir=args.cache_dir,
