@@ -1,13 +1,14 @@
 """Learnability on phantoms (issues 3 and 4), one command per figure:
 
-    python bench/learnability.py reference   --minutes 10 [--unlabelled 0]
+    python bench/learnability.py reference   --minutes 10
     python bench/learnability.py propagation --minutes 10
     python bench/learnability.py semi        --iterations 2000 --minutes 0 --arm sup|cps [--seed S]  # CPS vs labelled-only
     python bench/learnability.py semi-report                       # table of every finished arm
-    python bench/learnability.py real        --minutes 10          # train on TotalSegEx_0001, score 0003
+    python bench/learnability.py real        --minutes 5           # train on TotalSegEx_0001, score 0003
 
-Data: 16 labelled phantoms of 128 x 128 x 48 (the `tiny` input size), 4 held-out; all
-drawn from fixed seeds. Scores come from the project's scorer (app.scoring) on the
+Data: 16 labelled phantoms of 128 x 128 x 48 (the `tiny` input size), 16 unlabelled, 4
+held-out; all drawn from fixed seeds (`semi` uses the first 2 labelled). `--seed` changes
+the training (initialisation, sampling), never the data. Scores come from the project's scorer (app.scoring) on the
 held-out volumes at their native grid. Results are printed and written as JSON under
 bench/out/learnability/.
 """
