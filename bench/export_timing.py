@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -37,23 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import export.bundle as xb  # noqa: E402
 from app.bundle import load_bundle  # noqa: E402
+from bench.stage_costs import time_call  # noqa: E402
 from export.torch_backend import rebuild_networks  # noqa: E402
 from training.models.reference import REFERENCE_CONFIGS, build_reference_pair  # noqa: E402
 from training.models.stcn import build_stcn  # noqa: E402
 
 GRAPHS = ("reference", "stcn_key", "stcn_skip", "stcn_value", "stcn_decode", "stcn_read")
-
-
-def time_call(fn, repeats: int) -> tuple[float, float]:
-    """Median (wall, process CPU) seconds of ``fn()`` over ``repeats`` calls after a warm-up."""
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
 
 
 def stage_modules(a, b, net) -> dict[str, torch.nn.Module]:
@@ -133,8 +121,8 @@ def measure(config: str, graphs: list[str], work: Path, *, threads: int, repeats
             with torch.inference_mode():
                 return module(*ts)
 
-        ort_wall, ort_cpu = time_call(lambda: sess.run(None, feed), repeats)
-        torch_wall, torch_cpu = time_call(run_torch, repeats)
+        ort_wall, _, ort_cpu = time_call(lambda: sess.run(None, feed), repeats)
+        torch_wall, _, torch_cpu = time_call(run_torch, repeats)
         want = run_torch()
         want = [want] if isinstance(want, torch.Tensor) else list(want)
         diff = max(float(np.abs(w.numpy() - o).max()) for w, o in zip(want, sess.run(None, feed)))

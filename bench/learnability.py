@@ -164,8 +164,8 @@ def main():
     p.add_argument("--cps-weight", type=float, default=1.5)
     p.add_argument("--rampup", type=float, default=0.2, help="fraction of the run over which the CPS weight ramps up")
     p.add_argument("--start", type=float, default=0.5, help="fraction of the run before the CPS ramp begins")
-    p.add_argument("--cps-on", default="all", choices=("all", "unlabelled"), help="slices the CPS loss covers")
-    p.add_argument("--cps-loss", default="dice", choices=("dice", "ce"))
+    p.add_argument("--cps-on", default="all", choices=TR.CPS_ON, help="slices the CPS loss covers")
+    p.add_argument("--cps-loss", default="dice", choices=TR.CPS_LOSSES)
     p.add_argument("--threshold", type=float, default=0.0, help="CPS confidence threshold on the peer's labels")
     p.add_argument("--arm", default="both", choices=("both", "cps", "sup"),
                    help="semi: which arm(s) to run (run them as two processes to use two cores)")

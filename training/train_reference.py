@@ -32,6 +32,8 @@ from training.losses import DiceCELoss, cross_pseudo_supervision
 from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
 
 KIND = "reference"
+CPS_LOSSES = ("dice", "ce")  # the paper's Dice, the CPS paper's cross-entropy
+CPS_ON = ("all", "unlabelled")  # the slices the CPS loss covers
 
 
 @dataclasses.dataclass
@@ -40,7 +42,7 @@ class ReferenceTrainConfig(T.RunConfig):
     batch_unlabelled: int = 2
     label_smoothing: float = 0.1
     cps_weight: float = 1.5
-    cps_loss: str = "dice"  # or "ce"
+    cps_loss: str = "dice"  # one of CPS_LOSSES
     cps_threshold: float = 0.0  # peer pixels less confident than this are ignored
     cps_on: str = "all"  # CPS on every slice of the batch (the CPS paper), or "unlabelled" only
     # The CPS schedule: labels alone for the first half, then the weight ramps up over the
@@ -52,6 +54,13 @@ class ReferenceTrainConfig(T.RunConfig):
     sampling_rule: str = "rarity"  # or "small" (training.data.slice_weights)
     augment: bool = True
     unlabelled: str = ""
+
+    def __post_init__(self):
+        # Checked when the config is made (command line, code or a resumed checkpoint), not
+        # halfway through the run when the CPS branch first switches on.
+        if self.cps_on not in CPS_ON or self.cps_loss not in CPS_LOSSES:
+            raise ValueError(f"cps_on must be one of {CPS_ON} and cps_loss one of {CPS_LOSSES}, "
+                             f"got {self.cps_on!r} and {self.cps_loss!r}")
 
 
 def cps_rampup(it: int, cfg: ReferenceTrainConfig) -> float:
@@ -67,8 +76,6 @@ def cps_rampup(it: int, cfg: ReferenceTrainConfig) -> float:
 def cps_terms(logits, n_labelled: int, cfg: ReferenceTrainConfig):
     """The pair's CPS losses on the batch (labelled slices first, then unlabelled ones):
     over every slice, or with ``cps_on="unlabelled"`` over the unlabelled ones alone."""
-    if cfg.cps_on not in ("all", "unlabelled"):
-        raise ValueError(f"cps_on must be 'all' or 'unlabelled', got {cfg.cps_on!r}")
     first = n_labelled if cfg.cps_on == "unlabelled" else 0
     return cross_pseudo_supervision(logits[0][first:], logits[1][first:], loss=cfg.cps_loss,
                                     threshold=cfg.cps_threshold)
@@ -115,10 +122,6 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
     if resume:
         state = T.load_checkpoint(resume, KIND)
         cfg = ReferenceTrainConfig(**{**state["config"], "milestones": tuple(state["config"]["milestones"])})
-    if cfg.cps_on not in ("all", "unlabelled") or cfg.cps_loss not in ("dice", "ce"):
-        # caught here, not halfway through the run when the CPS branch first switches on
-        raise ValueError(f"cps_on must be 'all' or 'unlabelled' and cps_loss 'dice' or 'ce', "
-                         f"got {cfg.cps_on!r} and {cfg.cps_loss!r}")
     T.seed_everything(cfg.seed + info.rank)
     size = REFERENCE_CONFIGS[cfg.model].image_size
     cache = cfg.cache_dir or None
@@ -260,10 +263,10 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-unlabelled", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--cps-weight", type=float, default=1.5)
-    p.add_argument("--cps-loss", choices=("dice", "ce"), default="dice")
+    p.add_argument("--cps-loss", choices=CPS_LOSSES, default="dice")
     p.add_argument("--cps-threshold", type=float, default=0.0,
                    help="ignore peer pixels whose top probability is below this (0: every pixel, the paper)")
-    p.add_argument("--cps-on", choices=("all", "unlabelled"), default="all",
+    p.add_argument("--cps-on", choices=CPS_ON, default="all",
                    help="slices the CPS loss covers: all of the batch (the CPS paper) or the unlabelled ones")
     p.add_argument("--cps-rampup", type=float, default=0.2,
                    help="fraction of the run over which the CPS weight ramps up to --cps-weight")
