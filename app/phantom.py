@@ -49,6 +49,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.special import ndtri
 
+from .argtypes import positive_int
 from .ctio import atomic_write_image
 from .labels import ORGANS
 
@@ -900,13 +901,6 @@ def write_dataset(out_dir, n: int, seed: int = 0, shape_zyx=(48, 64, 64), *, pre
 # ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return v
-
-
 def _size(text: str) -> int:
     v = int(text)
     if v < 0 or v == 1:
@@ -916,7 +910,7 @@ def _size(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (images/, labels/)")
-    parser.add_argument("-n", "--num", type=_positive, default=1, help="number of cases (default 1)")
+    parser.add_argument("-n", "--num", type=positive_int, default=1, help="number of cases (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--size", nargs=3, type=_size, metavar=("X", "Y", "Z"),

@@ -50,6 +50,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from app.argtypes import existing_dir, positive_int
 from app.errors import InputError
 from app.labels import AXIAL_CROP_ORGANS, NSD_TOLERANCE_MM, ORGANS
 
@@ -540,30 +541,13 @@ def evaluate_folders(
 # ---------------------------------------------------------------------------------------
 # Command line: flare22 evaluate
 # ---------------------------------------------------------------------------------------
-def _existing_dir(value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{value} is not a folder")
-    return path
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pred", type=_existing_dir, required=True,
+    parser.add_argument("--pred", type=existing_dir, required=True,
                         help="folder of predictions <case>.nii.gz")
-    parser.add_argument("--gt", type=_existing_dir, required=True,
+    parser.add_argument("--gt", type=existing_dir, required=True,
                         help="folder of ground-truth label files <case>.nii.gz")
     parser.add_argument("--out", type=Path, required=True, help="CSV to write (one row per case)")
-    parser.add_argument("--workers", type=_positive_int, default=default_workers(),
+    parser.add_argument("--workers", type=positive_int, default=default_workers(),
                         help="cases scored in parallel processes (default: %(default)s)")
     parser.add_argument("--official-off-by-one", action="store_true",
                         help="crop aorta, IVC and oesophagus as the official script does, "

@@ -52,6 +52,7 @@ from typing import Protocol, Sequence
 
 import psutil
 
+from app.argtypes import existing_dir, nonneg_int, positive_float
 from app.ctio import case_name, list_cases
 from app.efficiency import (
     CPU_FORMULAS,
@@ -518,42 +519,21 @@ def run_cases(
 # --------------------------------------------------------------------------------------
 
 
-def _dir(value: str) -> Path:
-    p = Path(value)
-    if not p.is_dir():
-        raise argparse.ArgumentTypeError(f"{value}: not a folder")
-    return p
-
-
-def _nonneg_int(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be >= 0")
-    return n
-
-
-def _positive(value: str) -> float:
-    x = float(value)
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be > 0")
-    return x
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", type=_dir, required=True, help="folder of *_0000 CTs")
+    parser.add_argument("--input", type=existing_dir, required=True, help="folder of *_0000 CTs")
     parser.add_argument("--output", type=Path, required=True, help="predictions land here as <case>.nii.gz")
     parser.add_argument("--report", type=Path, required=True, help="per-case JSON, CSV, plots, summary.md")
-    parser.add_argument("--gt", type=_dir, default=None, help="ground-truth labels: adds DSC and NSD")
+    parser.add_argument("--gt", type=existing_dir, default=None, help="ground-truth labels: adds DSC and NSD")
     how = parser.add_mutually_exclusive_group()
     how.add_argument("--image", default=None, help="Docker image tag: run the organisers' docker command")
     how.add_argument("--command", default=None,
                      help="local command run with bash -c (default: bash predict.sh), "
                           "with FLARE22_INPUT / FLARE22_OUTPUT set")
-    parser.add_argument("--gpu", type=_nonneg_int, default=None,
+    parser.add_argument("--gpu", type=nonneg_int, default=None,
                         help="GPU index: --gpus device=N for Docker, CUDA_VISIBLE_DEVICES locally, "
                              "and the device the monitor reads (default 0, or CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--bundle", default=None, help="sets FLARE22_BUNDLE for a local command")
-    parser.add_argument("--timeout", type=_positive, default=None,
+    parser.add_argument("--timeout", type=positive_float, default=None,
                         help="seconds before a case counts as hung (killed, charged 3600 s)")
     parser.add_argument("--cpu-formula", choices=CPU_FORMULAS, default="exact",
                         help="'organisers' reproduces their script's CPU formula (see app.efficiency)")

@@ -86,6 +86,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app.argtypes import positive_int
 from app.bundle import load_bundle
 from app.ctio import case_name, list_cases, read_ct, write_labels
 from app.errors import Flare22Error
@@ -537,15 +538,6 @@ def _shard_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(text: str) -> int:
-    import argparse
-
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
-
-
 def add_arguments(p) -> None:
     p.add_argument("--models", nargs="+", metavar="CKPT_OR_BUNDLE",
                    help="reference checkpoints (.pt) and/or model bundle folders, M >= 2")
@@ -559,8 +551,8 @@ def add_arguments(p) -> None:
     p.add_argument("--shard", type=_shard_arg, metavar="i/n",
                    help="process cases with index %% n == i (default: torchrun / SLURM array, else all)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch", type=_positive, default=16, help="slices per forward pass")
-    p.add_argument("--threads", type=_positive, help="CPU threads for torch / ONNX Runtime")
+    p.add_argument("--batch", type=positive_int, default=16, help="slices per forward pass")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch / ONNX Runtime")
     p.add_argument("--merge", metavar="OUT", help="only join OUT/records into OUT/manifest.{json,csv}")
     p.add_argument("--no-progress", action="store_true")
 
