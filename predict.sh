@@ -21,4 +21,4 @@ PYTHONPATH="$home${PYTHONPATH:+:$PYTHONPATH}"
 # competing with it for the same cores slowed small cases several-fold.
 OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 export PYTHONPATH OPENBLAS_NUM_THREADS
-exec "$python" -m app.cli predict -i "$input" -o "$output" --bundle "$bundle" "$@"
+exec "$python" -m app predict -i "$input" -o "$output" --bundle "$bundle" "$@"

@@ -6,7 +6,7 @@ GPU, else CPU). The providers a session actually runs are logged once per bundle
 ONNX Runtime silently falls back to the CPU when CUDA or cuDNN is missing.
 
 The torch backend (for GPU measurements where ONNX Runtime's CUDA build is absent) lives in
-``export.torch_backend``: the appliance imports it only when asked to, so an image without
+``training/torch_backend.py`` and is registered from outside (``register_backend``): the appliance never imports it, so an image without
 torch never needs it.
 """
 from __future__ import annotations
@@ -114,15 +114,24 @@ class OrtStcnBackend(NumpyMemoryMixin):
         return self.dec(readout, qv, s8, s4)[0]
 
 
-def load_backends(bundle: Bundle, *, backend: str = "onnx", device: str = "auto", threads: int | None = None) -> tuple[Any, Any, dict]:
-    """(reference, stcn backend, info) for a bundle: ONNX Runtime, or torch when asked."""
-    if backend == "torch":
-        import importlib
+# Extra backends by name (``--backend torch``): registered from outside the appliance (the
+# top-level ``flare22`` command registers the torch one), so ``app/`` never names torch.
+EXTRA_BACKENDS: dict[str, Any] = {}
 
-        mod = importlib.import_module("export.torch_backend")
-        return mod.load_torch_backends(bundle, device=device, threads=threads)
+
+def register_backend(name: str, loader) -> None:
+    """``loader(bundle, device=, threads=)`` -> (reference, stcn backend, info)."""
+    EXTRA_BACKENDS[name] = loader
+
+
+def load_backends(bundle: Bundle, *, backend: str = "onnx", device: str = "auto", threads: int | None = None) -> tuple[Any, Any, dict]:
+    """(reference, stcn backend, info) for a bundle: ONNX Runtime, or a registered backend."""
+    if backend in EXTRA_BACKENDS:
+        return EXTRA_BACKENDS[backend](bundle, device=device, threads=threads)
     if backend != "onnx":
-        raise ValueError(f"unknown backend {backend!r} (onnx or torch)")
+        known = ", ".join(["onnx", *EXTRA_BACKENDS])
+        raise ValueError(f"backend {backend!r} is not available here (available: {known}); "
+                         "the torch backend needs the development install and the `flare22` command")
     providers = providers_for(device)
     ref = OrtReference(bundle, providers, threads)
     stcn = OrtStcnBackend(bundle, providers, threads)

@@ -1,52 +1,50 @@
-"""The `flare22` command: thin argparse front end over the project's Python API.
+"""The appliance's command line: ``python -m app predict|propagate`` (what the image runs).
 
-Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and
-``run(args) -> int``. Modules are imported only when their subcommand runs, so the
-appliance's commands (predict, evaluate, phantom, ...) never import torch.
+The development commands (training, export, evaluation, benchmarks) live in the top-level
+``flare22`` command (``flare22/cli.py``), which reuses ``dispatch`` below. Each command is a
+module with ``add_arguments(parser)`` and ``run(args) -> int``.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from collections.abc import Callable
+from types import ModuleType
 
-# name -> (module, one-line help). Modules that need torch live under training/ or export/.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "predict": ("app.predict", "segment every *_0000 CT in a folder with a model bundle"),
-    "propagate": ("app.assist", "fill a CT's label volume from a few annotated slices"),
-    "evaluate": ("app.scoring", "FLARE22 DSC / NSD of predictions against ground truth"),
-    "phantom": ("app.phantom", "generate synthetic abdomen CT cases with FLARE22 labels"),
-    "efficiency": ("docker.harness", "run a command once per case and measure it as FLARE does"),
-    "benchmark": ("app.benchmark", "full pipeline vs dense baseline on 512 x 512 x N phantoms"),
-    "train-reference": ("training.train_reference", "train the CPS pair (TransUNet + DeepLabV3+)"),
-    "train-propagation": ("training.train_propagation", "train the STCN propagation network"),
-    "pseudo-label": ("training.pseudo_label", "pseudo labels with uncertainty estimation"),
-    "cycle": ("training.cycle", "train -> pseudo-label -> retrain cycles"),
-    "export": ("export.bundle", "checkpoints -> ONNX / torch.export model bundle with parity check"),
+from . import assist, predict
+
+# name -> (loader of the command's module, one-line help)
+Loader = Callable[[], ModuleType]
+COMMANDS: dict[str, tuple[Loader, str]] = {
+    "predict": (lambda: predict, "segment every *_0000 CT in a folder with a model bundle"),
+    "propagate": (lambda: assist, "fill a CT's label volume from a few annotated slices"),
 }
 
 
-def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, object]:
-    parser = argparse.ArgumentParser(prog="flare22", description=__doc__.splitlines()[0])
+def dispatch(prog: str, description: str, commands: dict[str, tuple[Loader, str]], argv: list[str] | None) -> int:
+    """Parse ``argv`` against ``commands`` and run the chosen one; 2 for a usage error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_module, helptext) in COMMANDS.items():
+    for name, (_loader, helptext) in commands.items():
         sub.add_parser(name, help=helptext, add_help=False)
-    return parser, sub
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        parser.print_help(sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"{prog}: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    name, rest = argv[0], argv[1:]
+    loader, helptext = commands[name]
+    module = loader()
+    cmd = argparse.ArgumentParser(prog=f"{prog} {name}", description=helptext)
+    module.add_arguments(cmd)
+    args = cmd.parse_args(rest)
+    return int(module.run(args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser, _ = build_parser()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        parser.print_help()
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    name, rest = argv[0], argv[1:]
-    module_name, helptext = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    sub = argparse.ArgumentParser(prog=f"flare22 {name}", description=helptext)
-    module.add_arguments(sub)
-    args = sub.parse_args(rest)
-    return int(module.run(args) or 0)
+    return dispatch("python -m app", "flare22 appliance: CT in, FLARE22 labels out", COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import DEVICES, load_backends
+from .backends import DEVICES, EXTRA_BACKENDS, load_backends
 from .bundle import Bundle, load_bundle
 from .ctio import CTProperties, case_name, list_cases, read_ct, write_labels, write_map
 from .errors import BundleError, Flare22Error
@@ -443,7 +443,8 @@ def add_arguments(p) -> None:
     p.add_argument("--report-dir", help="folder for the per-case JSON reports (default: the output folder)")
     p.add_argument("--mode", choices=("propagate", "dense"), default="propagate",
                    help="propagate (the method) or dense (the CPS pair on every slice)")
-    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx")
+    p.add_argument("--backend", choices=("onnx", *EXTRA_BACKENDS), default="onnx",
+                   help="ONNX Runtime (the appliance), or a backend the `flare22` command registers")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--batch", type=int, default=8, help="slices per reference / key-encoder call")

@@ -333,7 +333,7 @@ class PropagationEngine:
                 frames = st.memory + ([st.temp] if st.temp is not None else [])
                 r = self.backend.read_memory([f.keys for f in frames], [f.values for f in frames], qk, self.cfg.top_k)
                 readouts.append(r.reshape(1, -1, h, w))
-        readout = readouts[0] if len(readouts) == 1 else self._stack(readouts)
+        readout = readouts[0] if len(readouts) == 1 else getattr(self.backend, "concat", self._stack)(readouts)
         with _Timer(self.stats, "decode"):
             logits = self.backend.to_host(self.backend.decode(
                 readout, self._crop(feats["qv"], win, 1), self._crop(s8, win, 2), self._crop(s4, win, 4)))
@@ -346,9 +346,7 @@ class PropagationEngine:
     def _stack(xs: list):
         if isinstance(xs[0], np.ndarray):
             return np.concatenate(xs, axis=0)
-        import importlib  # a torch backend's tensors: concatenate with their own library
-
-        return importlib.import_module(type(xs[0]).__module__.split(".")[0]).cat(xs, 0)
+        raise TypeError("a backend with its own tensors must stack them: give it a concat() method")
 
     # ---- one pass -----------------------------------------------------------------
     def _pass(self, ref: int, stop: int, direction: int, lo: int, hi: int) -> None:

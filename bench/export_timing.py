@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import export.bundle as xb  # noqa: E402
 from app.bundle import load_bundle  # noqa: E402
 from bench.stage_costs import time_call  # noqa: E402
-from export.torch_backend import rebuild_networks  # noqa: E402
+from training.torch_backend import rebuild_networks  # noqa: E402
 from training.models.reference import REFERENCE_CONFIGS, build_reference_pair  # noqa: E402
 from training.models.stcn import build_stcn  # noqa: E402
 

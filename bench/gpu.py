@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from app.bundle import Bundle  # noqa: E402
-from app.efficiency import GpuProbe, ResourceMonitor  # noqa: E402
-from app.phantom import generate  # noqa: E402
+from evaluation.efficiency import GpuProbe, ResourceMonitor  # noqa: E402
+from evaluation.phantom import generate  # noqa: E402
 from app.predict import PredictOptions, Predictor  # noqa: E402
 from export.bundle import base_manifest  # noqa: E402
 from training.models.reference import build_reference_pair  # noqa: E402

@@ -8,7 +8,7 @@
 
 Data: 16 labelled phantoms of 128 x 128 x 48 (the `tiny` input size), 16 unlabelled, 4
 held-out; all drawn from fixed seeds (`semi` uses the first 2 labelled). `--seed` changes
-the training (initialisation, sampling), never the data. Scores come from the project's scorer (app.scoring) on the
+the training (initialisation, sampling), never the data. Scores come from the project's scorer (evaluation.scoring) on the
 held-out volumes at their native grid. Results are printed and written as JSON under
 bench/out/learnability/.
 """
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.labels import ORGANS  # noqa: E402
-from app.phantom import write_dataset  # noqa: E402
-from app.scoring import dice  # noqa: E402
+from evaluation.phantom import write_dataset  # noqa: E402
+from evaluation.scoring import dice  # noqa: E402
 from training import train_propagation as TP  # noqa: E402
 from training import train_reference as TR  # noqa: E402
 from training.data import load_folder  # noqa: E402

@@ -32,7 +32,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from app.efficiency import ResourceMonitor  # noqa: E402
+from evaluation.efficiency import ResourceMonitor  # noqa: E402
 
 N = 768
 

@@ -25,7 +25,7 @@ from app.assist import largest_area_slices, nearest_copy, propagate_annotations 
 from app.ctio import read_ct, read_label_like  # noqa: E402
 from app.labels import ORGANS  # noqa: E402
 from app.propagation import PropagationConfig  # noqa: E402
-from app.scoring import dice  # noqa: E402
+from evaluation.scoring import dice  # noqa: E402
 from training.torch_backend import TorchStcnBackend  # noqa: E402
 from training.train_propagation import load_stcn  # noqa: E402
 

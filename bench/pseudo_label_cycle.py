@@ -4,7 +4,7 @@
         [--iterations 300] [--lr 1e-4] [--models 2] [--labelled 2] [--unlabeled 32] [--val 4] \
         [--shape 48 64 64] [--threshold T | --keep-fraction F] [--score paper] [--threads 1]
 
-1. Phantoms (app.phantom): labelled, unlabelled and held-out sets from separate seeds. The
+1. Phantoms (evaluation.phantom): labelled, unlabelled and held-out sets from separate seeds. The
    unlabelled phantoms' true labels are kept aside (truth/) to grade the pseudo labels; the
    pipeline sees only their images (unlabeled/images, hard links).
 2. Cycle 0 (training.cycle): M tiny CPS pairs on the labelled set with the unlabelled set
@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.ctio import read_ct, read_label_like  # noqa: E402
-from app.phantom import write_dataset  # noqa: E402
+from evaluation.phantom import write_dataset  # noqa: E402
 from training.cycle import CycleConfig, run_cycles  # noqa: E402
 from training.train_reference import organ_dsc  # noqa: E402
 

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.labels import ORGANS  # noqa: E402
-from app.phantom import generate  # noqa: E402
+from evaluation.phantom import generate  # noqa: E402
 from app.predict import PredictOptions, predict_folder  # noqa: E402
-from app.scoring import dice  # noqa: E402
+from evaluation.scoring import dice  # noqa: E402
 
 
 def degrade(img: np.ndarray, kind: str, rng) -> np.ndarray:

@@ -44,7 +44,7 @@ def phantom_cases(tmp_path_factory) -> Path:
     """A FLARE case folder of three small phantom CTs (no labels): ``Phantom_0001`` and
     ``Phantom_0002`` in the canonical orientation, ``Rot_0001`` in a random axis-aligned one.
     Returns the ``images`` folder."""
-    from app.phantom import write_dataset
+    from evaluation.phantom import write_dataset
 
     root = tmp_path_factory.mktemp("phantoms")
     write_dataset(root, 2, seed=0, shape_zyx=(24, 48, 48), unlabeled=True)

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from app.assist import largest_area_slices, nearest_copy, propagate_annotations
-from app.phantom import generate
+from evaluation.phantom import generate
 from app.propagation import PropagationConfig
 
 from .test_propagation import CopyBackend
@@ -70,7 +70,7 @@ def test_engine_fill_keeps_drawn_slices(case):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "app.cli", "propagate", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "app", "propagate", *map(str, args)], capture_output=True, text=True)
 
 
 def test_cli_fills_and_reports(case, tiny_bundle, tmp_path):

@@ -18,8 +18,8 @@ import psutil
 import pytest
 import SimpleITK as sitk
 
-from app import cli
-from app.efficiency import (
+from flare22 import cli
+from evaluation.efficiency import (
     MIB,
     GpuProbe,
     ResourceMonitor,
@@ -32,7 +32,7 @@ from app.efficiency import (
     hang_figures,
     spike_filtered_max,
 )
-from docker import harness
+from evaluation import harness
 
 # ---------------------------------------------------------------------------------------
 # Figures on known series
@@ -135,7 +135,7 @@ def test_spike_rule_integer_test_equals_the_organisers_float_test():
 
 def test_spike_rule_without_a_frequent_value_falls_back_to_the_max(caplog):
     series = [float(v) for v in range(60)]  # n = 60, every value once: nothing > 1.2
-    with caplog.at_level(logging.WARNING, logger="app.efficiency"):
+    with caplog.at_level(logging.WARNING, logger="evaluation.efficiency"):
         assert spike_filtered_max(series) == 59.0
     assert "unfiltered maximum" in caplog.text
     assert spike_filtered_max([]) is None
@@ -210,7 +210,7 @@ BUSY_055 = "import time\nt = time.perf_counter() + 0.55\nwhile time.perf_counter
 
 def test_monitor_without_nvml_samples_cpu_and_warns_once(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", _NoNvml("pynvml"))
-    with caplog.at_level(logging.WARNING, logger="app.efficiency"):
+    with caplog.at_level(logging.WARNING, logger="evaluation.efficiency"):
         with ResourceMonitor() as mon:
             # keep one CPU busy in a child (a busy loop here would hold the GIL)
             subprocess.run([sys.executable, "-c", BUSY_055], check=True)

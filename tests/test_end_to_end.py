@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from app.phantom import write_dataset
+from evaluation.phantom import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, env=None, timeout=900):
-    r = subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], cwd=REPO, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "flare22", *map(str, args)], cwd=REPO, capture_output=True,
                        text=True, timeout=timeout, env={**os.environ, **(env or {})})
     assert r.returncode == 0, f"{args[0]} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     return r

@@ -21,7 +21,7 @@ from app.bundle import FORMAT, FORMAT_VERSION, load_bundle, sha256_file
 from app.errors import BundleError
 from app.labels import CLASS_NAMES
 from app.propagation import read_memory
-from export.torch_backend import load_torch_backends, rebuild_networks
+from training.torch_backend import load_torch_backends, rebuild_networks
 
 GRAPHS = ("reference", "stcn_key", "stcn_skip", "stcn_value", "stcn_decode", "stcn_read")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app import phantom
-from app.cli import main as cli_main
+from evaluation import phantom
+from flare22.cli import main as cli_main
 from app.labels import ORGANS
 
 SMALL = (48, 64, 64)

@@ -60,7 +60,7 @@ def assert_outputs(out_dir: Path, written: list[str], failed: list[str] = ()) ->
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "app.cli", *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
+    return subprocess.run([PY, "-m", "flare22", *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -350,7 +350,7 @@ def test_bad_bundle_exit_2_no_case_processed(problem, phantom_cases, tiny_bundle
 @pytest.fixture(scope="module")
 def long_cases(tmp_path_factory) -> Path:
     """Three 60-slice phantoms: 1-2 s a case on one thread."""
-    from app.phantom import write_dataset
+    from evaluation.phantom import write_dataset
 
     root = tmp_path_factory.mktemp("long")
     write_dataset(root, 3, seed=5, shape_zyx=(60, 64, 64), unlabeled=True)
@@ -361,7 +361,7 @@ LONG = ["Phantom_0001", "Phantom_0002", "Phantom_0003"]
 
 
 def _start(inp: Path, out: Path, bundle: Path) -> subprocess.Popen:
-    return subprocess.Popen([PY, "-m", "app.cli", "predict", "-i", str(inp), "-o", str(out), "--bundle", str(bundle),
+    return subprocess.Popen([PY, "-m", "flare22", "predict", "-i", str(inp), "-o", str(out), "--bundle", str(bundle),
                              "--threads", "1", "--device", "cpu", "--quiet"],
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -495,7 +495,7 @@ def test_review_list_and_uncertainty_map(tiny_bundle, phantom_cases, tmp_path):
 
 def test_published_propagation_flag_switches_the_cost_levers_off(tiny_bundle, phantom_cases, tmp_path):
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "app.cli", "predict", "-i", str(phantom_cases), "-o", str(out),
+    r = subprocess.run([sys.executable, "-m", "flare22", "predict", "-i", str(phantom_cases), "-o", str(out),
                         "--bundle", str(tiny_bundle), "--threads", "1", "--quiet", "--published-propagation"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from app.ctio import atomic_write_image, check_same_grid, read_ct  # noqa: E402
 from app.labels import NUM_CLASSES  # noqa: E402
-from app.phantom import write_dataset  # noqa: E402
+from evaluation.phantom import write_dataset  # noqa: E402
 from app.windowing import DEFAULT_WINDOWS  # noqa: E402
 from training import cycle as cyc  # noqa: E402
 from training import pseudo_label as pl  # noqa: E402

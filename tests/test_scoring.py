@@ -1,4 +1,4 @@
-"""FLARE22 scoring (app/scoring.py): organiser semantics on tiny label blocks, the surfel
+"""FLARE22 scoring (evaluation/scoring.py): organiser semantics on tiny label blocks, the surfel
 NSD against DeepMind's `surface_distance` package (a test-only dependency), files and CLI."""
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from app import cli, scoring
+from evaluation import scoring
+from flare22 import cli
 from app.errors import InputError
 from app.labels import NSD_TOLERANCE_MM, ORGANS
 
@@ -353,7 +354,7 @@ def test_cli_evaluate(folders, capsys):
 
 
 def test_scoring_never_imports_torch():
-    code = "import sys, app.scoring, app.cli; print('torch' in sys.modules)"
+    code = "import sys, evaluation.scoring, app.cli; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], check=True)
     assert done.stdout.strip() == "False"

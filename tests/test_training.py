@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from app.errors import GeometryError, InputError
-from app.phantom import write_dataset
+from evaluation.phantom import write_dataset
 from training import train_propagation as TP
 from training import train_reference as TR
 from training.data import load_folder
@@ -148,7 +148,7 @@ def test_cps_terms_cover_all_slices_or_the_unlabelled_ones():
 def test_ddp_two_cpu_processes(folders, tmp_path):
     env = {**os.environ, "FLARE22_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "app.cli", "train-reference", "--labelled", str(folders / "lab"), "--out", str(tmp_path / "ddp"),
+           "-m", "flare22", "train-reference", "--labelled", str(folders / "lab"), "--out", str(tmp_path / "ddp"),
            "--iterations", "3", "--val-every", "3", "--device", "cpu", "--no-progress"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -44,7 +44,7 @@ def sh(cmd: list[str], env: dict | None = None) -> None:
 
 
 def phantoms(out: Path) -> Path:
-    from app.phantom import write_dataset
+    from evaluation.phantom import write_dataset
 
     d = out / "data"
     for name, n, seed, unl in (("train", 16, 1000, False), ("unlabelled", 16, 2000, True),
@@ -88,12 +88,12 @@ def main(argv=None) -> int:
 
     t = step("2/7 train the tiny reference pair (CPS) and the tiny STCN")
     if not (out / "reference" / "best.pt").exists():
-        sh([py, "-m", "app.cli", "train-reference", "--labelled", data / "train", "--unlabelled", data / "unlabelled",
+        sh([py, "-m", "flare22", "train-reference", "--labelled", data / "train", "--unlabelled", data / "unlabelled",
             "--val", data / "val", "--out", out / "reference", "--config", "tiny", "--iterations", args.ref_iterations,
             "--lr", "1e-3", "--batch-labelled", "4", "--batch-unlabelled", "4", "--val-every", "250",
             "--max-minutes", args.ref_minutes, "--device", "cpu"], env)
     if not (out / "propagation" / "best.pt").exists():
-        sh([py, "-m", "app.cli", "train-propagation", "--labelled", data / "train", "--val", data / "val",
+        sh([py, "-m", "flare22", "train-propagation", "--labelled", data / "train", "--val", data / "val",
             "--out", out / "propagation", "--config", "tiny", "--iterations", args.prop_iterations, "--lr", "1e-3",
             "--val-every", "250", "--max-minutes", args.prop_minutes, "--device", "cpu"], env)
     done(t)
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     t = step("3/7 export the bundle")
     bundle = out / "bundle"
     if not (bundle / "manifest.json").exists():
-        sh([py, "-m", "app.cli", "export", "--reference", out / "reference" / "best.pt",
+        sh([py, "-m", "flare22", "export", "--reference", out / "reference" / "best.pt",
             "--propagation", out / "propagation" / "best.pt", "--out", bundle])
     done(t)
 
@@ -121,14 +121,14 @@ def main(argv=None) -> int:
     scores = {}
     for name, (src, dst) in preds.items():
         csv_path = out / f"eval_{name}.csv"
-        sh([py, "-m", "app.cli", "evaluate", "--pred", dst, "--gt", src / "labels", "--out", csv_path])
+        sh([py, "-m", "flare22", "evaluate", "--pred", dst, "--gt", src / "labels", "--out", csv_path])
         scores[name] = read_eval(csv_path)
     done(t)
 
     t = step("6/7 per-case efficiency harness (test phantoms, one process per case)")
     eff = out / "efficiency"
     if not (eff / "efficiency.csv").exists():
-        sh([py, "-m", "app.cli", "efficiency", "--input", data / "test" / "images", "--output", out / "pred" / "harness",
+        sh([py, "-m", "flare22", "efficiency", "--input", data / "test" / "images", "--output", out / "pred" / "harness",
             "--report", eff, "--gt", data / "test" / "labels", "--command",
             f"FLARE22_PYTHON={py} FLARE22_BUNDLE={bundle} sh predict.sh --quiet"])
     done(t)

@@ -1,7 +1,8 @@
 """The STCN stages and the reference pair behind the engine's interface, in torch.
 
 Used by training validation (the live network) and by the appliance's torch backend
-(export.torch_backend, for GPU measurements). Features and the memory bank stay on the
+(``load_torch_backends``: a bundle's graphs run by torch, for GPU measurements where
+ONNX Runtime's CUDA build is absent; the ``flare22`` command registers it as ``--backend torch``). Features and the memory bank stay on the
 network's device; only masks go in and decoder logits come out through the host.
 """
 from __future__ import annotations
@@ -9,8 +10,14 @@ from __future__ import annotations
 import contextlib
 import math
 
+import logging
+
 import numpy as np
 import torch
+
+from app.bundle import Bundle
+
+log = logging.getLogger("flare22")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -28,6 +35,9 @@ class TorchStcnBackend:
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+
+    def concat(self, xs: list) -> torch.Tensor:
+        return torch.cat(xs, 0)
 
     def to_host(self, x: torch.Tensor) -> np.ndarray:
         return x.detach().float().cpu().numpy()
@@ -82,3 +92,105 @@ class TorchReference:
             pa = torch.softmax(self.a(x, p).float(), 1)
             pb = torch.softmax(self.b(x, p).float(), 1)
         return {"probs": (pa + pb).cpu().numpy(), "probs_a": pa.cpu().numpy(), "probs_b": pb.cpu().numpy()}
+
+
+# ---- a bundle's graphs run by torch ------------------------------------------------
+class _ProgramNet:
+    """The STCN stage methods backed by exported programs."""
+
+    def __init__(self, bundle: Bundle, device):
+        def load(name):
+            return torch.export.load(str(bundle.file(bundle.graph(name)["torch"]))).module().to(device)
+
+        self._key, self._skip = load("stcn_key"), load("stcn_skip")
+        self._value, self._decode = load("stcn_value"), load("stcn_decode")
+
+    def eval(self):
+        return self
+
+    def encode_key(self, image):
+        return self._key(image)
+
+    def skip_features(self, f8, f4):
+        return self._skip(f8, f4)
+
+    def encode_value(self, image, f16, masks, others):
+        return self._value(image, f16, masks, others)
+
+    def decode(self, readout, qv, s8, s4):
+        return self._decode(readout, qv, s8, s4)
+
+
+class _ProgramPair:
+    def __init__(self, bundle: Bundle, device):
+        self.m = torch.export.load(str(bundle.file(bundle.graph("reference")["torch"]))).module().to(device)
+
+    def __call__(self, x, p):
+        return self.m(x, p)
+
+
+def rebuild_networks(bundle: Bundle):
+    """(net_a, net_b, stcn) from the manifest's configs and the safetensors weights."""
+    from safetensors.torch import load_file
+
+    from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
+    from training.models.stcn import STCN_CONFIGS, build_stcn
+
+    ref_name = bundle.manifest["configs"]["reference"]["name"]
+    stcn_name = bundle.manifest["configs"]["stcn"]["name"]
+    if ref_name not in REFERENCE_CONFIGS or stcn_name not in STCN_CONFIGS:
+        raise ValueError(f"bundle {bundle.path}: configs {ref_name}/{stcn_name} unknown to this code")
+    a, b = build_reference_pair(ref_name)
+    net = build_stcn(stcn_name)
+    w = bundle.manifest["weights"]
+    a.load_state_dict(load_file(str(bundle.file(w["reference_a"]))))
+    b.load_state_dict(load_file(str(bundle.file(w["reference_b"]))))
+    net.load_state_dict(load_file(str(bundle.file(w["stcn"]))))
+    return a.eval(), b.eval(), net.eval()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in ("auto", "cuda", "tensorrt"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if device != "auto":
+            log.warning("torch backend: no CUDA device, running on the CPU")
+    return torch.device("cpu")
+
+
+def load_torch_backends(bundle: Bundle, *, device: str = "auto", threads: int | None = None,
+                        dtype: torch.dtype | None = None, programs: bool = True):
+    dev = resolve_device(device)
+    if threads:
+        torch.set_num_threads(int(threads))
+    source = "programs"
+    try:
+        if not programs or any("torch" not in bundle.graph(g) for g in
+                               ("reference", "stcn_key", "stcn_skip", "stcn_value", "stcn_decode")):
+            raise FileNotFoundError("no torch.export programs in the bundle")
+        stcn_net, pair = _ProgramNet(bundle, dev), _ProgramPair(bundle, dev)
+
+        class _Ref(TorchReference):
+            def __init__(self):
+                self.device, self.dtype = dev, dtype
+
+            @torch.inference_mode()
+            def __call__(self, images, positions):
+                x = torch.from_numpy(images).to(dev)
+                p = torch.from_numpy(positions.astype("float32")).to(dev)
+                s, pa, pb = pair(x, p)
+                return {"probs": s.float().cpu().numpy(), "probs_a": pa.float().cpu().numpy(),
+                        "probs_b": pb.float().cpu().numpy()}
+
+        ref = _Ref()
+    except Exception as exc:  # noqa: BLE001 - fall back to rebuilding from weights
+        if programs:
+            log.info("torch backend: rebuilding networks from weights (%s)", str(exc).splitlines()[0][:160])
+        a, b, stcn_net = rebuild_networks(bundle)
+        a, b, stcn_net = a.to(dev), b.to(dev), stcn_net.to(dev)
+        ref = TorchReference(a, b, dev, dtype)
+        source = "weights"
+    stcn = TorchStcnBackend(stcn_net, dev, dtype, stride=bundle.stride)
+    info = {"backend": "torch", "device": str(dev), "source": source, "dtype": str(dtype or torch.float32),
+            "providers": [f"torch-{dev.type}"]}
+    return ref, stcn, info

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from app.assist import largest_area_slices, nearest_copy, propagate_annotations
 from app.labels import ORGANS
 from app.propagation import PropagationConfig
-from app.scoring import dice
+from evaluation.scoring import dice
 from training import trainer as T
 from training.data import Volume, load_folder, slice_inputs, slice_labels
 from training.losses import OhemLovaszLoss

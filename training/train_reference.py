@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from app.labels import ORGANS
 from app.resize import resize_stack
-from app.scoring import dice
+from evaluation.scoring import dice
 from training import trainer as T
 from training.data import AugmentConfig, SliceSampler, Volume, load_folder, slice_inputs, slice_weights
 from training.losses import DiceCELoss, cross_pseudo_supervision

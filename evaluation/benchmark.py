@@ -12,7 +12,7 @@ of the project's cost switches turned on one after the other.
 
 Per stage (read, reference, selection, key encoding, skip features, value encoding, memory
 read, decoding, compose, write): seconds, share of the total and the number of calls;
-slices per second; peak RSS and the FLARE figures from app.efficiency; and a cost model:
+slices per second; peak RSS and the FLARE figures from evaluation.efficiency; and a cost model:
 multiply-adds per stage from the bundle's manifest (counted at export) times the calls and
 window areas the engine reports, next to the measured time, with the implied throughput.
 The fitted slope of time against N and the peak memory at each N show how cost grows.
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, load_bundle
-from .ctio import read_ct, write_labels
+from app.bundle import Bundle, load_bundle
+from app.ctio import read_ct, write_labels
 from .efficiency import ResourceMonitor
-from .predict import PredictOptions, Predictor
-from .propagation import PUBLISHED
+from app.predict import PredictOptions, Predictor
+from app.propagation import PUBLISHED
 
 log = logging.getLogger("flare22")
 

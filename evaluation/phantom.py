@@ -49,9 +49,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.special import ndtri
 
-from .argtypes import positive_int
-from .ctio import atomic_write_image
-from .labels import ORGANS
+from app.argtypes import positive_int
+from app.ctio import atomic_write_image
+from app.labels import ORGANS
 
 LIVER, R_KIDNEY, SPLEEN, PANCREAS, AORTA, IVC = 1, 2, 3, 4, 5, 6
 R_ADRENAL, L_ADRENAL, GALLBLADDER, ESOPHAGUS, STOMACH, DUODENUM, L_KIDNEY = 7, 8, 9, 10, 11, 12, 13

@@ -2,7 +2,7 @@
 
 For every ``*_0000`` CT in ``--input`` the harness copies that case alone into a fresh
 temporary input folder, starts the command with a fresh temporary output folder, and
-measures it with :class:`app.efficiency.ResourceMonitor` (REFERENCE section 3). Time runs from
+measures it with :class:`evaluation.efficiency.ResourceMonitor` (REFERENCE section 3). Time runs from
 just before the process is started to its exit, so process start-up, model loading and CUDA
 initialisation count towards the case (with ``--image`` a fresh container per case, as the
 organisers run it). What the command writes is moved into ``--output``; the prediction is
@@ -27,7 +27,7 @@ Report (``--report``): ``<case>.json`` (samples, figures, status, exit code, com
 ``<case>_CPU-Time.png``, ``<case>_RAM-Time.png``, ``efficiency.csv`` (one row per case, the
 organisers' columns and rounding), ``efficiency.json`` (the run) and ``summary.md`` (one table
 of DSC, NSD, Time, AUC GPU, AUC CPU, GPU memory and RAM). With ``--gt`` every case is scored
-with :mod:`app.scoring` (a missing prediction is scored as an empty one; a timed-out case
+with :mod:`evaluation.scoring` (a missing prediction is scored as an empty one; a timed-out case
 scores DSC = NSD = 0, the organisers' charge for a hang).
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ import psutil
 
 from app.argtypes import existing_dir, nonneg_int, positive_float
 from app.ctio import case_name, list_cases
-from app.efficiency import (
+from evaluation.efficiency import (
     CPU_FORMULAS,
     Figures,
     GpuProbe,
@@ -294,12 +294,12 @@ def score_prediction(
     case: str, prediction: str | os.PathLike | None, gt_file: str | os.PathLike,
     *, official_crop_off_by_one: bool = False,
 ) -> tuple[float, float]:
-    """Mean DSC and NSD over the 13 organs of one case, by :func:`app.scoring.score_files`.
+    """Mean DSC and NSD over the 13 organs of one case, by :func:`evaluation.scoring.score_files`.
 
     A missing prediction is scored as an empty one (as ``flare22 evaluate`` does); organs
     that come out NaN (only with the official off-by-one crop) are left out of the mean.
     """
-    from app.scoring import score_files  # lazily: only with --gt
+    from evaluation.scoring import score_files  # lazily: only with --gt
 
     scored = score_files(case, None if prediction is None else Path(prediction), Path(gt_file),
                          official_crop_off_by_one=official_crop_off_by_one)
@@ -536,7 +536,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=positive_float, default=None,
                         help="seconds before a case counts as hung (killed, charged 3600 s)")
     parser.add_argument("--cpu-formula", choices=CPU_FORMULAS, default="exact",
-                        help="'organisers' reproduces their script's CPU formula (see app.efficiency)")
+                        help="'organisers' reproduces their script's CPU formula (see evaluation.efficiency)")
     parser.add_argument("--official-off-by-one", action="store_true",
                         help="with --gt: crop aorta, IVC and oesophagus as the official script does")
     parser.add_argument("--no-gpu", action="store_true", help="do not query NVML")
