@@ -283,7 +283,7 @@ def test_unreadable_volume_is_recorded_and_retried(standin_cases, tmp_path):
 
 
 def test_cli_merge_and_required_arguments(standin_cases, tmp_path, capsys):
-    from app.cli import main
+    from flare22.cli import main
 
     unlabeled, _ = standin_cases
     out = tmp_path / "pl"
@@ -433,7 +433,7 @@ def test_cycle_end_to_end_and_restart(tmp_path, monkeypatch):
     again = cyc.run_cycles(cfg)
     assert len(trained) == 4 and again == first
     assert cyc.run_cycles(cyc.CycleConfig(**base, cycles=2, threshold=max(scores), start_cycle=1)) == first[1:]
-    from app.cli import main
+    from flare22.cli import main
 
     argv = ["cycle", "--labelled", base["labelled"], "--unlabeled", base["unlabeled"], "--out", str(out),
             "--cycles", "2", "--models", "2", "--threshold", repr(max(scores)), "--iterations", "3",
