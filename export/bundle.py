@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from app.argtypes import nonneg_int, positive_int
 from app.bundle import FORMAT, FORMAT_VERSION, load_bundle, sha256_file
 from app.labels import CLASS_NAMES
 from app.propagation import PropagationConfig, read_memory
@@ -532,9 +533,9 @@ def add_arguments(p) -> None:
                    help="replace the bundle already in --out (a folder holding anything else is never touched)")
     p.add_argument("--fp16", action="store_true", help="also write fp16 ONNX graphs for GPUs")
     p.add_argument("--no-programs", action="store_true", help="skip the torch.export programs")
-    p.add_argument("--every", type=int, default=5, help="reference candidates: every n-th slice")
-    p.add_argument("--max-candidates", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--every", type=positive_int, default=5, help="reference candidates: every n-th slice")
+    p.add_argument("--max-candidates", type=positive_int, default=64)
+    p.add_argument("--seed", type=nonneg_int, default=0)
 
 
 def run(args) -> int:
