@@ -270,10 +270,12 @@ def test_monitor_short_run_still_has_a_sample_and_rejects_misuse():
 
 
 def test_monitor_follows_a_child_process_tree():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(0.6)"])
+    proc = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); print('ready', flush=True); "
+                             "time.sleep(0.6)"], stdout=subprocess.PIPE, text=True)
     try:
+        assert proc.stdout.readline() == "ready\n"  # the buffer exists before the monitor starts (busy machines)
         with ResourceMonitor(gpu=None, pid=proc.pid) as mon:
-            time.sleep(0.45)
+            time.sleep(0.3)
     finally:
         proc.wait()
     assert max(mon.samples.rss_mb) > 60.0  # the child's 64 MiB buffer, not this process
