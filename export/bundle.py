@@ -42,6 +42,7 @@ from torch import nn
 from app.bundle import FORMAT, FORMAT_VERSION, load_bundle, sha256_file
 from app.labels import CLASS_NAMES
 from app.propagation import PropagationConfig, read_memory
+from app.predict import DEFAULT_MODE, MODES, propagation_option
 from app.windowing import DEFAULT_WINDOWS
 from app.errors import Flare22Error
 from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
@@ -363,7 +364,7 @@ def export_bundle(
     a.eval(), b.eval(), net.eval()
     ch = stcn_shapes(net.cfg)
     specs = graph_specs(hw, ch)
-    prop = PropagationConfig(top_k=net.cfg.top_k, **(prop_overrides or {}))
+    prop = PropagationConfig(top_k=net.cfg.top_k).with_overrides(prop_overrides or {})
     modules = {
         "reference": CPSPair(a, b).eval(),
         "stcn_key": _Stage(net, _key).eval(),
@@ -465,6 +466,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-programs", action="store_true", help="skip the torch.export programs")
     p.add_argument("--every", type=int, default=5, help="reference candidates: every n-th slice")
     p.add_argument("--max-candidates", type=int, default=64)
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help=f"the pipeline mode the bundle runs by default (manifest sampling.mode; default {DEFAULT_MODE})")
+    p.add_argument("--propagation-option", action="append", default=[], type=propagation_option,
+                   metavar="KEY=VALUE", help="a sampling (every, max) or propagation setting written to the manifest")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -474,9 +479,12 @@ def run(args) -> int:
         print("flare22 export: give --reference and --propagation checkpoints, or --random CONFIG", file=sys.stderr)
         return 2
     cfg = args.random or "tiny"
+    options = dict(args.propagation_option)
+    sampling = {"every": options.pop("every", args.every), "max": options.pop("max", args.max_candidates),
+                "mode": args.mode}
     out = export_bundle(args.out, reference=args.reference, propagation=args.propagation, ref_config=cfg,
                         stcn_config=cfg, seed=args.seed, fp16=args.fp16, programs=not args.no_programs,
-                        sampling={"every": args.every, "max": args.max_candidates})
+                        sampling=sampling, prop_overrides=options)
     size = bundle_size(out)
     print(f"bundle written to {out}: ONNX {size['onnx_mb']:.1f} MB, all files {size['total_mb']:.1f} MB")
     return 0
