@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .argtypes import positive_int
 from .ctio import check_same_grid, read_ct, write_labels
 from .errors import Flare22Error, InputError
 from .labels import NUM_CLASSES
@@ -91,7 +92,7 @@ def add_arguments(p) -> None:
     p.add_argument("--bundle", required=True, help="model bundle (its STCN graphs are used)")
     p.add_argument("--slices", help="comma-separated file k indices that count as annotated (default: any labelled)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int)
 
 
 def run(args) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from . import assist, predict
+from .argtypes import OneLineParser
 
 # name -> (loader of the command's module, one-line help)
 Loader = Callable[[], ModuleType]
@@ -37,7 +38,7 @@ def dispatch(prog: str, description: str, commands: dict[str, tuple[Loader, str]
     name, rest = argv[0], argv[1:]
     loader, helptext = commands[name]
     module = loader()
-    cmd = argparse.ArgumentParser(prog=f"{prog} {name}", description=helptext)
+    cmd = OneLineParser(prog=f"{prog} {name}", description=helptext)
     module.add_arguments(cmd)
     args = cmd.parse_args(rest)
     return int(module.run(args) or 0)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .argtypes import positive_int, probability
 from .backends import DEVICES, EXTRA_BACKENDS, load_backends
 from .bundle import Bundle, load_bundle
 from .ctio import CTProperties, case_name, list_cases, read_ct, write_labels, write_map
@@ -620,13 +621,13 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", choices=("onnx", *EXTRA_BACKENDS), default="onnx",
                    help="ONNX Runtime (the appliance), or a backend the `flare22` command registers")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--batch", type=int, default=8, help="slices per reference / key-encoder call")
+    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--batch", type=positive_int, default=8, help="slices per reference / key-encoder call")
     p.add_argument("--published-propagation", action="store_true",
                    help="the same as --mode published (the authors' propagation and cost)")
     p.add_argument("--uncertainty", action="store_true",
                    help="also write <case>_uncertainty.nii.gz (member disagreement / propagation entropy)")
-    p.add_argument("--review-threshold", type=float, default=0.8,
+    p.add_argument("--review-threshold", type=probability, default=0.8,
                    help="flag cases whose CPS member agreement is below this in review.csv")
     p.add_argument("--quiet", action="store_true")
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from app.argtypes import positive_int  # noqa: E402
 import export.bundle as xb  # noqa: E402
 from app.bundle import load_bundle  # noqa: E402
 from bench.stage_costs import time_call  # noqa: E402
@@ -161,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="JSON results file")
     p.add_argument("--configs", nargs="+", default=["tiny", "paper"], choices=sorted(REFERENCE_CONFIGS))
     p.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=GRAPHS)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both (default: all CPUs)")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per figure (median)")
-    p.add_argument("--batch", type=int, default=1, help="slices per reference / key-encoder call")
-    p.add_argument("--organs", type=int, default=1, help="objects per value-encoder / decoder / read call")
-    p.add_argument("--memory-frames", type=int, default=5, help="frames in memory for stcn_read")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="threads for both (default: all CPUs)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per figure (median)")
+    p.add_argument("--batch", type=positive_int, default=1, help="slices per reference / key-encoder call")
+    p.add_argument("--organs", type=positive_int, default=1, help="objects per value-encoder / decoder / read call")
+    p.add_argument("--memory-frames", type=positive_int, default=5, help="frames in memory for stcn_read")
     p.add_argument("--work", type=Path, help="folder for the exported bundles (default: a temporary one)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from app.argtypes import positive_int  # noqa: E402
 try:
     import SimpleITK  # noqa: F401
 except ImportError:  # the GPU image lacks it; nothing here touches files
@@ -50,9 +51,9 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--config", default="paper", choices=("paper", "tiny"))
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
-    p.add_argument("--slices", type=int, default=200)
-    p.add_argument("--in-plane", type=int, default=512)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--slices", type=positive_int, default=200)
+    p.add_argument("--in-plane", type=positive_int, default=512)
+    p.add_argument("--batch", type=positive_int, default=16)
     p.add_argument("--out", default=os.environ.get("OUT", "bench/out/gpu"))
     args = p.parse_args()
     out = Path(args.out)

@@ -25,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, probability  # noqa: E402
 from app.labels import ORGANS  # noqa: E402
 from evaluation.phantom import write_dataset  # noqa: E402
 from evaluation.scoring import dice  # noqa: E402
@@ -157,23 +158,23 @@ def semi_report() -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("reference", "propagation", "semi", "semi-report", "real"))
-    p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--iterations", type=int, default=100000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--cps-weight", type=float, default=1.5)
-    p.add_argument("--rampup", type=float, default=0.2, help="fraction of the run over which the CPS weight ramps up")
-    p.add_argument("--start", type=float, default=0.5, help="fraction of the run before the CPS ramp begins")
+    p.add_argument("--minutes", type=nonneg_float, default=10.0)
+    p.add_argument("--iterations", type=positive_int, default=100000)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--batch", type=positive_int, default=4)
+    p.add_argument("--cps-weight", type=nonneg_float, default=1.5)
+    p.add_argument("--rampup", type=probability, default=0.2, help="fraction of the run over which the CPS weight ramps up")
+    p.add_argument("--start", type=probability, default=0.5, help="fraction of the run before the CPS ramp begins")
     p.add_argument("--cps-on", default="all", choices=TR.CPS_ON, help="slices the CPS loss covers")
     p.add_argument("--cps-loss", default="dice", choices=TR.CPS_LOSSES)
-    p.add_argument("--threshold", type=float, default=0.0, help="CPS confidence threshold on the peer's labels")
+    p.add_argument("--threshold", type=probability, default=0.0, help="CPS confidence threshold on the peer's labels")
     p.add_argument("--arm", default="both", choices=("both", "cps", "sup"),
                    help="semi: which arm(s) to run (run them as two processes to use two cores)")
-    p.add_argument("--val-every", type=int, default=0,
+    p.add_argument("--val-every", type=nonneg_int, default=0,
                    help="log held-out DSC into the run's log.jsonl every N iterations (the figure is still the last checkpoint's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--sampling-rule", default="rarity", choices=("small", "rarity"))
-    p.add_argument("--boost", type=float, default=10.0)
+    p.add_argument("--boost", type=nonneg_float, default=10.0)
     p.add_argument("--tag", default="reference")
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)

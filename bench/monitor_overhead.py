@@ -32,6 +32,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from app.argtypes import positive_float, positive_int  # noqa: E402
 from evaluation.efficiency import ResourceMonitor  # noqa: E402
 
 N = 768
@@ -97,8 +98,8 @@ def run_once(mode: str, iters: int, monitored: bool) -> tuple[float, dict | None
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=3.0, help="length of one workload run")
-    ap.add_argument("--repeats", type=int, default=6, help="monitored/unmonitored pairs per mode")
+    ap.add_argument("--seconds", type=positive_float, default=3.0, help="length of one workload run")
+    ap.add_argument("--repeats", type=positive_int, default=6, help="monitored/unmonitored pairs per mode")
     ap.add_argument("--no-control", dest="control", action="store_false",
                     help="skip the unmonitored pairs that show the machine's noise floor")
     ap.add_argument("--modes", nargs="+", default=["subprocess", "inprocess"], choices=["subprocess", "inprocess"])

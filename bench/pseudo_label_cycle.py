@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from app.argtypes import positive_float, positive_int, probability  # noqa: E402
 from app.ctio import read_ct, read_label_like  # noqa: E402
 from evaluation.phantom import write_dataset  # noqa: E402
 from training.cycle import CycleConfig, run_cycles  # noqa: E402
@@ -69,17 +70,17 @@ def true_quality(work: Path, pseudo: Path) -> dict[str, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="bench/out/pseudo_label_cycle")
-    p.add_argument("--iterations", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--models", type=int, default=2)
-    p.add_argument("--labelled", type=int, default=2)
-    p.add_argument("--unlabeled", type=int, default=32)
-    p.add_argument("--val", type=int, default=4)
-    p.add_argument("--shape", type=int, nargs=3, default=(48, 64, 64), metavar=("Z", "Y", "X"))
-    p.add_argument("--threshold", type=float, help="absolute score threshold")
-    p.add_argument("--keep-fraction", type=float, default=0.5, help="used when --threshold is not given")
+    p.add_argument("--iterations", type=positive_int, default=300)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--models", type=positive_int, default=2)
+    p.add_argument("--labelled", type=positive_int, default=2)
+    p.add_argument("--unlabeled", type=positive_int, default=32)
+    p.add_argument("--val", type=positive_int, default=4)
+    p.add_argument("--shape", type=positive_int, nargs=3, default=(48, 64, 64), metavar=("Z", "Y", "X"))
+    p.add_argument("--threshold", type=probability, help="absolute score threshold")
+    p.add_argument("--keep-fraction", type=probability, default=0.5, help="used when --threshold is not given")
     p.add_argument("--score", choices=("paper", "iou-majority"), default="paper")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 

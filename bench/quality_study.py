@@ -22,6 +22,7 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.argtypes import positive_int  # noqa: E402
 from app.labels import ORGANS  # noqa: E402
 from evaluation.phantom import generate  # noqa: E402
 from app.predict import PredictOptions, predict_folder  # noqa: E402
@@ -45,8 +46,8 @@ def degrade(img: np.ndarray, kind: str, rng) -> np.ndarray:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True)
-    p.add_argument("--cases", type=int, default=4)
-    p.add_argument("--shape", type=int, nargs=3, default=[48, 128, 128])
+    p.add_argument("--cases", type=positive_int, default=4)
+    p.add_argument("--shape", type=positive_int, nargs=3, default=[48, 128, 128])
     p.add_argument("--out", default=str(ROOT / "bench/out/quality_study.json"))
     args = p.parse_args()
     rng = np.random.default_rng(0)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from app.argtypes import positive_int  # noqa: E402
 from training.models.reference import REFERENCE_CONFIGS, build_reference_pair, count_parameters  # noqa: E402
 from training.models.stcn import STCN_CONFIGS, build_stcn  # noqa: E402
 
@@ -134,12 +135,12 @@ def measure_training(config: str, repeats: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--configs", nargs="*", default=["paper", "tiny"], choices=sorted(STCN_CONFIGS),
                    help="configs whose networks and stages are timed at inference")
     p.add_argument("--train-configs", nargs="*", default=["tiny"], choices=sorted(STCN_CONFIGS),
                    help="configs whose training step (forward + backward) is also timed")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per figure (median)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per figure (median)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here as JSON")
     args = p.parse_args(argv)
     if args.repeats < 1:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app.argtypes import nonneg_int, positive_int
 from app.bundle import Bundle, load_bundle
 from app.ctio import read_ct, write_labels
 from .efficiency import ResourceMonitor
@@ -202,14 +203,14 @@ def markdown(res: dict) -> str:
 def add_arguments(p) -> None:
     p.add_argument("--bundle", help="model bundle; or --config to export random weights on the spot")
     p.add_argument("--config", choices=("tiny", "paper"), help="random-weight bundle of this configuration")
-    p.add_argument("--sizes", type=int, nargs="+", default=[100, 200, 400], help="slice counts N")
-    p.add_argument("--in-plane", type=int, default=512, help="phantom in-plane size")
+    p.add_argument("--sizes", type=positive_int, nargs="+", default=[100, 200, 400], help="slice counts N")
+    p.add_argument("--in-plane", type=positive_int, default=512, help="phantom in-plane size")
     p.add_argument("--out", default="bench/out/benchmark", help="folder for benchmark.md / benchmark.json")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--torch", action="store_true", help="also run the torch (eager) backend")
     p.add_argument("--ablation", action="store_true", help="published propagation and each cost switch (smallest N)")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", type=nonneg_int, default=7)
     p.add_argument("--quick", action="store_true", help="CI: tiny random bundle, small phantoms, under a minute")
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.special import ndtri
 
-from app.argtypes import positive_int
+from app.argtypes import nonneg_int, positive_int
 from app.ctio import atomic_write_image
 from app.labels import ORGANS
 
@@ -911,7 +911,7 @@ def _size(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (images/, labels/)")
     parser.add_argument("-n", "--num", type=positive_int, default=1, help="number of cases (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="dataset seed (default 0)")
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--size", nargs=3, type=_size, metavar=("X", "Y", "Z"),
                       help="grid size in ITK order; Z = 0 draws the slice count (default 64 64 48)")

@@ -11,6 +11,8 @@ def test_values_pass_through(tmp_path):
     assert argtypes.positive_int("3") == 3
     assert argtypes.nonneg_int("0") == 0
     assert argtypes.positive_float("0.5") == 0.5
+    assert argtypes.nonneg_float("0") == 0.0
+    assert argtypes.probability("1") == 1.0 and argtypes.probability("0") == 0.0
 
 
 @pytest.mark.parametrize("fn, value, reason", [
@@ -19,6 +21,10 @@ def test_values_pass_through(tmp_path):
     (argtypes.nonneg_int, "-1", ">= 0"),
     (argtypes.positive_float, "0", "> 0"),
     (argtypes.positive_float, "x", "not a number"),
+    (argtypes.positive_float, "inf", "not a finite number"),
+    (argtypes.nonneg_float, "-0.1", ">= 0"),
+    (argtypes.probability, "1.01", "between 0 and 1"),
+    (argtypes.probability, "nan", "not a finite number"),
 ])
 def test_bad_values_are_refused_with_a_reason(fn, value, reason):
     with pytest.raises(argparse.ArgumentTypeError, match=reason):

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app.argtypes import nonneg_int, positive_float, positive_int, probability
 from app.ctio import case_name, list_cases, read_ct, read_label_like
 from app.errors import Flare22Error
 from training.data import scan_folder
@@ -199,19 +200,19 @@ def add_arguments(p) -> None:
     p.add_argument("--labelled", required=True, help="labelled FLARE folder (images/, labels/)")
     p.add_argument("--unlabeled", "--unlabelled", dest="unlabeled", required=True, help="unlabelled FLARE folder")
     p.add_argument("--out", required=True, help="cycles folder: cycle_<k>/ per cycle")
-    p.add_argument("--cycles", type=int, default=2, help="number of train -> label cycles")
-    p.add_argument("--models", type=int, default=2, help="CPS pairs per cycle (M)")
-    p.add_argument("--threshold", type=float, required=True, help="keep a volume when its score >= this")
+    p.add_argument("--cycles", type=positive_int, default=2, help="number of train -> label cycles")
+    p.add_argument("--models", type=positive_int, default=2, help="CPS pairs per cycle (M)")
+    p.add_argument("--threshold", type=probability, required=True, help="keep a volume when its score >= this")
     p.add_argument("--score", choices=SCORES, default="paper")
     p.add_argument("--empty-slices", choices=EMPTY_SLICES, default="skip")
-    p.add_argument("--iterations", type=int, default=2000, help="training iterations per model")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (the paper: 1e-4)")
+    p.add_argument("--iterations", type=positive_int, default=2000, help="training iterations per model")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (the paper: 1e-4)")
     p.add_argument("--config", default="tiny", choices=sorted(REFERENCE_CONFIGS))
     p.add_argument("--val", default="", help="held-out labelled FLARE folder: DSC per cycle")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch", type=int, default=16, help="slices per forward pass when labelling")
-    p.add_argument("--start-cycle", type=int, default=0)
+    p.add_argument("--batch", type=positive_int, default=16, help="slices per forward pass when labelling")
+    p.add_argument("--start-cycle", type=nonneg_int, default=0)
     p.add_argument("--cache-dir", default="")
     p.add_argument("--no-progress", action="store_true")
 

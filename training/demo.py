@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from app.argtypes import nonneg_float, positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FLARE22_SHARED_DATA", ROOT.parent / "shared" / "data"))
 SHAPE = (48, 128, 128)
@@ -69,12 +71,12 @@ def read_eval(csv_path: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="flare22 demo: train -> export -> predict -> evaluate -> efficiency")
     p.add_argument("--out", default="demo")
-    p.add_argument("--ref-minutes", type=float, default=6.0)
-    p.add_argument("--prop-minutes", type=float, default=4.0)
+    p.add_argument("--ref-minutes", type=nonneg_float, default=6.0)
+    p.add_argument("--prop-minutes", type=nonneg_float, default=4.0)
     # Half of them on the labels alone, then CPS (the trainer's schedule); 1,800 fit the
     # 6 minutes on 2 cores, so the CPS half is not cut short by the budget.
-    p.add_argument("--ref-iterations", type=int, default=1800)
-    p.add_argument("--prop-iterations", type=int, default=2000)
+    p.add_argument("--ref-iterations", type=positive_int, default=1800)
+    p.add_argument("--prop-iterations", type=positive_int, default=2000)
     args = p.parse_args(argv)
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

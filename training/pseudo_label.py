@@ -86,7 +86,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.argtypes import positive_int
+from app.argtypes import positive_int, probability
 from app.bundle import load_bundle
 from app.ctio import case_name, list_cases, read_ct, write_labels
 from app.errors import Flare22Error
@@ -543,7 +543,7 @@ def add_arguments(p) -> None:
                    help="reference checkpoints (.pt) and/or model bundle folders, M >= 2")
     p.add_argument("--unlabeled", "--unlabelled", dest="unlabeled", help="unlabelled FLARE folder (images/)")
     p.add_argument("--out", help="output folder (labelled/, rejected/, records/, manifest)")
-    p.add_argument("--threshold", type=float, help="keep a volume when its score >= this")
+    p.add_argument("--threshold", type=probability, help="keep a volume when its score >= this")
     p.add_argument("--score", choices=SCORES, default="paper",
                    help="paper: mean DSC vs the averaged mask (formula 1); iou-majority: the authors' code")
     p.add_argument("--empty-slices", choices=EMPTY_SLICES, default="skip",

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from app.argtypes import nonneg_float, nonneg_int, positive_float, positive_int
 from app.assist import largest_area_slices, nearest_copy, propagate_annotations
 from app.labels import ORGANS
 from app.propagation import PropagationConfig
@@ -233,12 +234,12 @@ def add_arguments(p) -> None:
     p.add_argument("--val", default="", help="labelled FLARE folder for validation")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl")
     p.add_argument("--config", default="tiny", choices=sorted(STCN_CONFIGS))
-    p.add_argument("--iterations", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--val-every", type=int, default=500)
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this much wall time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iterations", type=positive_int, default=3000)
+    p.add_argument("--batch", type=positive_int, default=4)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--val-every", type=positive_int, default=500)
+    p.add_argument("--max-minutes", type=nonneg_float, default=0.0, help="stop (and save) after this much wall time")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache-dir", default="")
     p.add_argument("--resume")

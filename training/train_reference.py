@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from app.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, probability
 from app.labels import ORGANS
 from app.resize import resize_stack
 from evaluation.scoring import dice
@@ -258,29 +259,29 @@ def add_arguments(p) -> None:
     p.add_argument("--val", default="", help="labelled FLARE folder for validation")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl")
     p.add_argument("--config", default="tiny", choices=sorted(REFERENCE_CONFIGS), help="network configuration")
-    p.add_argument("--iterations", type=int, default=2000)
-    p.add_argument("--batch-labelled", type=int, default=2)
-    p.add_argument("--batch-unlabelled", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--cps-weight", type=float, default=1.5)
+    p.add_argument("--iterations", type=positive_int, default=2000)
+    p.add_argument("--batch-labelled", type=positive_int, default=2)
+    p.add_argument("--batch-unlabelled", type=positive_int, default=2)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--cps-weight", type=nonneg_float, default=1.5)
     p.add_argument("--cps-loss", choices=CPS_LOSSES, default="dice")
-    p.add_argument("--cps-threshold", type=float, default=0.0,
+    p.add_argument("--cps-threshold", type=probability, default=0.0,
                    help="ignore peer pixels whose top probability is below this (0: every pixel, the paper)")
     p.add_argument("--cps-on", choices=CPS_ON, default="all",
                    help="slices the CPS loss covers: all of the batch (the CPS paper) or the unlabelled ones")
-    p.add_argument("--cps-rampup", type=float, default=0.2,
+    p.add_argument("--cps-rampup", type=probability, default=0.2,
                    help="fraction of the run over which the CPS weight ramps up to --cps-weight")
-    p.add_argument("--cps-start", type=float, default=0.5,
+    p.add_argument("--cps-start", type=probability, default=0.5,
                    help="fraction of the run trained on the labelled slices alone before the CPS ramp begins "
                         "(0: CPS from the first iteration, as in the CPS paper)")
-    p.add_argument("--small-organ-boost", type=float, default=10.0,
+    p.add_argument("--small-organ-boost", type=nonneg_float, default=10.0,
                    help="extra sampling weight of slices showing a rare organ (0: uniform)")
     p.add_argument("--sampling-rule", choices=("small", "rarity"), default="rarity",
                    help="small: boost slices showing a small organ; rarity: boost by the rarest organ present")
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--val-every", type=int, default=500)
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this much wall time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=positive_int, default=500)
+    p.add_argument("--max-minutes", type=nonneg_float, default=0.0, help="stop (and save) after this much wall time")
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cache-dir", default="", help="decoded-volume cache (default $FLARE22_CACHE or ~/.cache/flare22)")
     p.add_argument("--resume", help="checkpoint to continue from (its config wins)")
