@@ -110,6 +110,18 @@ class _Read(nn.Module):
         return out.reshape(out.shape[0], out.shape[1], p)
 
 
+def graph_modules(a: nn.Module, b: nn.Module, net: STCN, top_k: int) -> dict[str, nn.Module]:
+    """The exported graphs' modules by name, in eval mode: the reference pair and STCN's stages."""
+    return {
+        "reference": CPSPair(a, b).eval(),
+        "stcn_key": _Stage(net, _key).eval(),
+        "stcn_skip": _Stage(net, _skip).eval(),
+        "stcn_value": _Stage(net, _value).eval(),
+        "stcn_decode": _Stage(net, _decode).eval(),
+        "stcn_read": _Read(net, top_k).eval(),
+    }
+
+
 def stcn_shapes(cfg) -> dict:
     """Channel counts of the STCN features for a config (probed on a tiny input)."""
     net = build_stcn(cfg).eval()
@@ -433,14 +445,7 @@ def _export_into(out: Path, final: Path, *, reference, propagation, ref_config, 
     ch = stcn_shapes(net.cfg)
     specs = graph_specs(hw, ch)
     prop = PropagationConfig(top_k=net.cfg.top_k).with_overrides(prop_overrides or {})
-    modules = {
-        "reference": CPSPair(a, b).eval(),
-        "stcn_key": _Stage(net, _key).eval(),
-        "stcn_skip": _Stage(net, _skip).eval(),
-        "stcn_value": _Stage(net, _value).eval(),
-        "stcn_decode": _Stage(net, _decode).eval(),
-        "stcn_read": _Read(net, prop.top_k).eval(),
-    }
+    modules = graph_modules(a, b, net, prop.top_k)
     rng = np.random.default_rng(seed)
     graphs, parity = {}, []
     for name, module in modules.items():
