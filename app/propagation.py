@@ -1,6 +1,8 @@
 """The propagation engine: bidirectional STCN mask propagation through a CT volume.
 
-Written once, here, against a small interface of stage functions (:class:`StageBackend`):
+The memory bank, the per-volume feature cache and the run's counters are small classes
+of app.memory, created afresh by every ``run()``. Written once, here, against a small
+interface of stage functions (:class:`StageBackend`):
 training validation runs it with the torch network behind that interface, the appliance
 with exported ONNX graphs, the annotation assist with either. The memory read (affinity,
 top-k, softmax, weighted sum) is done natively in numpy by :func:`read_memory`.
@@ -35,14 +37,15 @@ what each buys):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Protocol
 
 import numpy as np
 
+from .memory import FeatureCache, Frame, MemoryBank, PropagationStats
 from .resize import argmax_resized, resize_stack
 
 
@@ -108,14 +111,52 @@ class PropagationConfig:
     # (cheaper where calls cost more than the pixels: small inputs, GPUs), instead of
     # one call per organ on its own window (cheaper where compute dominates).
     batch_organs: bool = False
-
-    @classmethod
-    def published(cls, **kw) -> "PropagationConfig":
-        """The authors' propagation: every organ, every slice, full frame, both directions."""
-        return cls(**{**PUBLISHED, **kw})
+    # The `reliable` and `fused` pipeline modes (app.predict): a sampled slice is a reference
+    # for an organ when the organ covers at least `reliable_fraction` of its largest area on
+    # the sampled slices and the two CPS members' masks of it agree (DSC) at least
+    # `reliable_agreement`; `fuse_weight` is STCN's share when fused with interpolation.
+    reliable_fraction: float = 0.2
+    reliable_agreement: float = 0.5
+    fuse_weight: float = 0.5
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def with_overrides(self, overrides: dict) -> "PropagationConfig":
+        """A copy with ``overrides`` applied; values may be strings (``--propagation-option``)
+        and are converted to each field's type. An unknown key or a bad value is a ValueError
+        naming it."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        values = {}
+        for key, value in overrides.items():
+            if key not in fields:
+                raise ValueError(f"unknown propagation setting {key!r} (known: {', '.join(fields)})")
+            values[key] = _convert(key, value, type(getattr(self, key)))
+        return dataclasses.replace(self, **values)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _convert(key: str, value, kind: type):
+    """``value`` (a string from the command line, or already typed) as ``kind``."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in _TRUE + _FALSE:
+            return str(value).lower() in _TRUE
+    elif kind is int and not isinstance(value, bool):
+        try:
+            if float(value) == int(float(value)):
+                return int(float(value))
+        except (TypeError, ValueError):
+            pass
+    elif kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"propagation setting {key}={value!r} is not a {kind.__name__}")
 
 
 def read_memory(mem_keys: np.ndarray, mem_values: np.ndarray, query_key: np.ndarray, top_k: int) -> np.ndarray:
@@ -154,6 +195,21 @@ def aggregate(probs: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=0, keepdims=True)
 
 
+def organ_distribution(probs: np.ndarray) -> np.ndarray:
+    """(O, H, W) independent organ probabilities (the engine's votes) -> (O+1, H, W) a
+    distribution, background = prod(1 - p) first, normalised per pixel."""
+    p = np.clip(probs, 0, 1)
+    dist = np.concatenate([np.prod(1 - p, axis=0, keepdims=True), p], axis=0)
+    return dist / np.maximum(dist.sum(axis=0, keepdims=True), 1e-7)
+
+
+def normalised_entropy(dist: np.ndarray) -> np.ndarray:
+    """(K, H, W) non-negative scores -> (H, W) entropy of their normalisation, in 0..1."""
+    dist = dist / np.maximum(dist.sum(axis=0, keepdims=True), 1e-7)
+    ent = -(dist * np.log(np.maximum(dist, 1e-7))).sum(axis=0)
+    return (ent / np.log(dist.shape[0])).astype(np.float32)
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
 
@@ -162,53 +218,12 @@ Window = tuple[int, int, int, int]  # y0, y1, x0, x1 in key-grid cells
 
 
 @dataclass
-class _Frame:
-    keys: object  # (Ck, n), the backend's array type
-    values: object  # (1, Cv, n)
-    is_ref: bool
-
-
-@dataclass
 class _OrganState:
     organ: int
     window: Window
-    memory: list[_Frame] = field(default_factory=list)
-    temp: _Frame | None = None
+    memory: MemoryBank
     alive: bool = True
     misses: int = 0
-
-
-@dataclass
-class PropagationStats:
-    key_encodes: int = 0
-    skip_encodes: int = 0
-    value_encodes: int = 0
-    decodes: int = 0
-    decoded_cells: int = 0  # sum over decodes of window area, in key-grid cells
-    value_cells: int = 0  # likewise for value encodes
-    skip_cells: int = 0  # key-grid cells of the slices whose skip features were computed
-    full_cells: int = 0  # what the same decodes would cost on the full frame
-    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-
-    def to_json(self) -> dict:
-        d = {k: getattr(self, k) for k in ("key_encodes", "skip_encodes", "value_encodes", "decodes",
-                                            "decoded_cells", "value_cells", "skip_cells", "full_cells")}
-        d["seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
-        d["calls"] = dict(self.calls)
-        return d
-
-
-class _Timer:
-    def __init__(self, stats: PropagationStats, name: str):
-        self.stats, self.name = stats, name
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.stats.seconds[self.name] += time.perf_counter() - self.t0
-        self.stats.calls[self.name] += 1
 
 
 class PropagationEngine:
@@ -222,30 +237,15 @@ class PropagationEngine:
         self.backend = backend
         self.cfg = config or PropagationConfig()
         self.num_organs = num_organs
+        # per-run state: every field is set afresh by run() (see _start), so that nothing
+        # carries over from one volume to the next
         self.stats = PropagationStats()
-
-    # ---- feature cache ------------------------------------------------------------
-    def _features(self, t: int, direction: int, lo: int, hi: int) -> dict:
-        if t not in self._cache:
-            b = self.cfg.key_batch
-            want = [s for s in range(t, t + direction * b, direction) if lo <= s <= hi and s not in self._cache]
-            with _Timer(self.stats, "key_encode"):
-                imgs = self.backend.to_device(np.ascontiguousarray(self._get_slices(want), dtype=np.float32))
-                out = self.backend.encode_key(imgs)
-            self.stats.key_encodes += len(want)
-            for j, s in enumerate(want):
-                self._cache[s] = {k: v[j : j + 1] for k, v in out.items()}
-                self._cache[s]["image"] = imgs[j : j + 1]
-        return self._cache[t]
-
-    def _skips(self, feats: dict) -> tuple[np.ndarray, np.ndarray]:
-        if "s8" not in feats:
-            with _Timer(self.stats, "skip"):
-                feats["s8"], feats["s4"] = self.backend.skip_features(feats["f8"], feats["f4"])
-            self.stats.skip_encodes += 1
-            self.stats.skip_cells += self._grid[0] * self._grid[1]
-            del feats["f8"], feats["f4"]
-        return feats["s8"], feats["s4"]
+        self._cache: FeatureCache | None = None
+        self._stride, self._hw, self._grid = 0, (0, 0), (0, 0)
+        self._refs: dict[int, np.ndarray] = {}
+        self._weights: dict[int, np.ndarray] | None = None
+        self._votes = np.zeros((0, num_organs), np.float64)
+        self._entries: dict[int, list] = defaultdict(list)
 
     # ---- windows --------------------------------------------------------------------
     def _full_window(self) -> Window:
@@ -286,7 +286,7 @@ class PropagationEngine:
     def _union(wins: list[Window]) -> Window:
         return (min(w[0] for w in wins), max(w[1] for w in wins), min(w[2] for w in wins), max(w[3] for w in wins))
 
-    def _encode_frames(self, feats: dict, items: list[tuple[Window, np.ndarray, np.ndarray]]) -> list[_Frame]:
+    def _encode_frames(self, feats: dict, items: list[tuple[Window, np.ndarray, np.ndarray]]) -> list[Frame]:
         """Memory frames for (window, target, others) items of one slice: one value-encoder
         call per item, or (``batch_organs``) one call for all on the union of their windows."""
         if not items:
@@ -298,7 +298,7 @@ class PropagationEngine:
             win = self._union([w for w, _, _ in group])
             masks = np.stack([self._crop(t, win, s) for _, t, _ in group])
             others = np.stack([self._crop(o, win, s) for _, _, o in group])
-            with _Timer(self.stats, "value_encode"):
+            with self.stats.timer("value_encode"):
                 values = self.backend.encode_value(
                     self._crop(feats["image"], win, s), self._crop(feats["f16"], win, 1),
                     dev(np.ascontiguousarray(masks, dtype=np.float32)),
@@ -310,16 +310,8 @@ class PropagationEngine:
             keys = self._crop(feats["key"][0], win, 1)
             keys = keys.reshape(keys.shape[0], -1)
             for i in range(len(group)):
-                frames.append(_Frame(keys, values[i : i + 1].reshape(1, values.shape[1], -1), False))
+                frames.append(Frame(keys, values[i : i + 1].reshape(1, values.shape[1], -1)))
         return frames
-
-    def _add_memory(self, st: _OrganState, frame: _Frame) -> None:
-        st.memory.append(frame)
-        if len(st.memory) > self.cfg.max_memory:
-            for i, f in enumerate(st.memory):
-                if not f.is_ref:
-                    del st.memory[i]
-                    break
 
     def _decode(self, feats: dict, s8, s4, group: list[_OrganState]) -> list[tuple[Window, np.ndarray]]:
         """Read memory and decode a group of organs on the union of their windows."""
@@ -328,13 +320,13 @@ class PropagationEngine:
         h, w = qk.shape[1:]
         qk = qk.reshape(qk.shape[0], -1)
         readouts = []
-        with _Timer(self.stats, "read_memory"):
+        with self.stats.timer("read_memory"):
             for st in group:
-                frames = st.memory + ([st.temp] if st.temp is not None else [])
+                frames = st.memory.readable()
                 r = self.backend.read_memory([f.keys for f in frames], [f.values for f in frames], qk, self.cfg.top_k)
                 readouts.append(r.reshape(1, -1, h, w))
         readout = readouts[0] if len(readouts) == 1 else getattr(self.backend, "concat", self._stack)(readouts)
-        with _Timer(self.stats, "decode"):
+        with self.stats.timer("decode"):
             logits = self.backend.to_host(self.backend.decode(
                 readout, self._crop(feats["qv"], win, 1), self._crop(s8, win, 2), self._crop(s4, win, 4)))
         self.stats.decodes += 1
@@ -349,39 +341,56 @@ class PropagationEngine:
         raise TypeError("a backend with its own tensors must stack them: give it a concat() method")
 
     # ---- one pass -----------------------------------------------------------------
-    def _pass(self, ref: int, stop: int, direction: int, lo: int, hi: int) -> None:
-        """Propagate from reference slice ``ref`` to ``stop`` (inclusive), one direction."""
+    def _pass(self, ref: int, stop: int, direction: int, lo: int, hi: int, far: int | None = None) -> None:
+        """Propagate from reference slice ``ref`` to ``stop`` (inclusive), one direction.
+
+        ``far``: the reference at the other end of a two-sided range; with reference weights
+        a vote's weight falls linearly from ``ref`` to ``far``."""
         ref_mask = self._refs[ref]
-        feats = self._features(ref, direction, lo, hi)
+        rel = None if self._weights is None else self._weights[ref]
+        steps = range(ref + direction, stop + direction, direction)
+
+        def weight(t: int, organ: int) -> float:
+            if rel is None:
+                return 1.0
+            w = float(rel[organ - 1])
+            return w * abs(far - t) / abs(far - ref) if far is not None else w
+
         total = np.isin(ref_mask, np.arange(1, self.num_organs + 1)).astype(np.float32)
         states: list[_OrganState] = []
         items = []
         for o in range(1, self.num_organs + 1):
             target = (ref_mask == o).astype(np.float32)
-            if not target.any() and self.cfg.skip_absent:
+            present = bool(target.any())
+            if rel is not None and (rel[o - 1] <= 0 or not present):
+                if not present and rel[o - 1] > 0:  # reliably absent here: votes 0 on the way
+                    for t in steps:
+                        self._votes[t, o - 1] += weight(t, o)
+                continue  # unreliable here: no vote
+            if not present and self.cfg.skip_absent:
                 continue
             win = self._window_of(target > 0) or self._full_window()
-            states.append(_OrganState(o, win))
+            states.append(_OrganState(o, win, MemoryBank(self.cfg.max_memory)))
             items.append((win, target, total - target))
         if not states:
             return
+        feats = self._cache.get(ref, direction, lo, hi)
         for st, frame in zip(states, self._encode_frames(feats, items)):
             frame.is_ref = True
-            st.memory.append(frame)
-        steps = range(ref + direction, stop + direction, direction)
+            st.memory.add(frame)
         for n_step, t in enumerate(steps, start=1):
             live = [st for st in states if st.alive]
             for st in states:
                 if not st.alive:
-                    self._votes[t, st.organ - 1] += 1
+                    self._votes[t, st.organ - 1] += weight(t, st.organ)
             if not live:
                 continue
-            feats = self._features(t, direction, lo, hi)
-            s8, s4 = self._skips(feats)
+            feats = self._cache.get(t, direction, lo, hi)
+            s8, s4 = self._cache.skips(feats)
             groups = [live] if self.cfg.batch_organs else [[st] for st in live]
             decoded = [d for g in groups for d in self._decode(feats, s8, s4, g)]
             # soft aggregation on a canvas, so overlapping organs compete as in STCN
-            with _Timer(self.stats, "aggregate"):
+            with self.stats.timer("aggregate"):
                 canvas = np.zeros((len(live),) + self._hw, np.float32)
                 for i, (win, prob) in enumerate(decoded):
                     y0, y1, x0, x1 = (v * self._stride for v in win)
@@ -396,14 +405,15 @@ class PropagationEngine:
                 p = agg[i]
                 win = decoded[i][0]
                 y0, y1, x0, x1 = (v * self._stride for v in win)
-                self._entries[t].append((st.organ, win, p[y0:y1, x0:x1].astype(np.float16)))
-                self._votes[t, st.organ - 1] += 1
+                w = weight(t, st.organ)
+                self._entries[t].append((st.organ, win, p[y0:y1, x0:x1].astype(np.float16), w))
+                self._votes[t, st.organ - 1] += w
                 fg = p > 0.5
                 if self.cfg.early_stop and int(fg.sum()) < self.cfg.min_pixels:
                     st.misses += 1
                     if st.misses >= self.cfg.patience:
                         st.alive = False
-                        st.temp = None
+                        st.memory.set_temp(None)
                         continue
                 else:
                     st.misses = 0
@@ -413,10 +423,9 @@ class PropagationEngine:
                     items.append((st.window, p, total - p))
             for (st, _), frame in zip(pending, self._encode_frames(feats, items)):
                 if is_mem:
-                    self._add_memory(st, frame)
-                    st.temp = None
+                    st.memory.add(frame)
                 else:
-                    st.temp = frame
+                    st.memory.set_temp(frame)
 
     # ---- the volume ---------------------------------------------------------------
     def run(
@@ -426,31 +435,46 @@ class PropagationEngine:
         get_slices: Callable[[list[int]], np.ndarray],
         references: dict[int, np.ndarray],
         reference_probs: dict[int, np.ndarray] | None = None,
+        reference_weights: dict[int, np.ndarray] | None = None,
     ) -> "PropagationResult":
-        """Propagate the reference masks through ``num_slices`` slices of size ``hw``."""
+        """Propagate the reference masks through ``num_slices`` slices of size ``hw``.
+
+        Without ``reference_weights`` every pass that carries an organ casts one vote per
+        slice (the mean of their probabilities decides). With them (reference slice ->
+        (num_organs,) weights, every reference given) votes are weighted: an organ present
+        on a reference with weight w is propagated from it and votes w, scaled inside a
+        two-sided range by the distance to the other end (linear, as interpolation would);
+        an organ absent from a reference with weight w > 0 votes 0 with that weight (it is
+        known to be absent there); an organ with weight 0 is neither propagated nor voted."""
         if not references:
             raise ValueError("propagation needs at least one reference slice")
         s = self.backend.stride
         if hw[0] % s or hw[1] % s:
             raise ValueError(f"model input {hw} is not a multiple of the key stride {s}")
+        self.stats = PropagationStats()
         self._stride, self._hw, self._grid = s, tuple(hw), (hw[0] // s, hw[1] // s)
-        self._get_slices = get_slices
+        self._cache = FeatureCache(self.backend, get_slices, self.cfg.key_batch, self._grid[0] * self._grid[1],
+                                   self.stats)
         self._refs = {int(k): np.asarray(v) for k, v in references.items()}
-        self._votes = np.zeros((num_slices, self.num_organs), np.int32)
-        self._entries: dict[int, list] = defaultdict(list)
-        self._cache: dict[int, dict] = {}
+        self._votes = np.zeros((num_slices, self.num_organs), np.float64)
+        self._weights = None
+        if reference_weights is not None:
+            self._weights = {int(k): np.asarray(v, np.float64) for k, v in reference_weights.items()}
+            if set(self._weights) != set(self._refs):
+                raise ValueError("reference_weights must give a weight vector for every reference slice")
+        self._entries = defaultdict(list)
         refs = sorted(self._refs)
         if refs[0] < 0 or refs[-1] >= num_slices:
             raise ValueError(f"reference slices {refs} outside 0..{num_slices - 1}")
         # r_0 -> 0
         if refs[0] > 0:
             self._pass(refs[0], 0, -1, 0, refs[0])
-        self._evict_below(refs[0])
+        self._cache.evict_below(refs[0])
         for a, b in zip(refs[:-1], refs[1:]):
             if b - a > 1:
-                self._pass(a, b - 1, +1, a, b)
-                self._pass(b, a + 1, -1, a, b)
-            self._evict_below(b)
+                self._pass(a, b - 1, +1, a, b, far=b)
+                self._pass(b, a + 1, -1, a, b, far=a)
+            self._cache.evict_below(b)
         if refs[-1] < num_slices - 1:
             self._pass(refs[-1], num_slices - 1, +1, refs[-1], num_slices - 1)
         self._cache.clear()
@@ -458,10 +482,6 @@ class PropagationEngine:
             num_slices, tuple(hw), self.num_organs, self._refs, reference_probs or {},
             dict(self._entries), self._votes, self.stats, s,
         )
-
-    def _evict_below(self, t: int) -> None:
-        for k in [k for k in self._cache if k < t]:
-            del self._cache[k]
 
 
 @dataclass
@@ -474,7 +494,7 @@ class PropagationResult:
     references: dict[int, np.ndarray]
     reference_probs: dict[int, np.ndarray]  # slice -> (C+1, H, W) probabilities, optional
     entries: dict[int, list]
-    votes: np.ndarray
+    votes: np.ndarray  # (num_slices, num_organs) summed vote weights
     stats: PropagationStats
     stride: int
 
@@ -499,14 +519,14 @@ class PropagationResult:
             ids = np.nonzero(full.reshape(self.num_organs, -1).max(axis=1) > 0)[0]
             return ids + 1, full[ids]
         entries = self.entries.get(t, [])
-        ids = sorted({organ for organ, _, _ in entries})
+        ids = sorted({e[0] for e in entries})
         out = np.zeros((len(ids),) + self.hw, np.float32)
         row = {o: i for i, o in enumerate(ids)}
         s = self.stride
-        for organ, (y0, y1, x0, x1), p in entries:
-            out[row[organ], y0 * s : y1 * s, x0 * s : x1 * s] += p
+        for organ, (y0, y1, x0, x1), p, w in entries:
+            out[row[organ], y0 * s : y1 * s, x0 * s : x1 * s] += p if w == 1.0 else w * p.astype(np.float32)
         votes = self.votes[t, np.asarray(ids, int) - 1] if ids else np.zeros(0)
-        out /= np.maximum(votes, 1)[:, None, None]
+        out /= np.where(votes > 0, votes, 1.0)[:, None, None]
         return np.asarray(ids, int), out
 
     def entropy(self, t: int, out_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -514,10 +534,7 @@ class PropagationResult:
         p = np.clip(self.organ_probs(t), 0, 1)
         if out_hw is not None and tuple(out_hw) != self.hw:
             p = np.clip(resize_stack(p, tuple(out_hw)), 0, 1)
-        dist = np.concatenate([np.prod(1 - p, axis=0, keepdims=True), p], axis=0)
-        dist /= np.maximum(dist.sum(axis=0, keepdims=True), 1e-7)
-        ent = -(dist * np.log(np.maximum(dist, 1e-7))).sum(axis=0)
-        return (ent / np.log(dist.shape[0])).astype(np.float32)
+        return normalised_entropy(np.concatenate([np.prod(1 - p, axis=0, keepdims=True), p], axis=0))
 
     def labels(self, t: int, out_hw: tuple[int, int] | None = None) -> np.ndarray:
         """Label slice t (uint8), resized to ``out_hw`` before the argmax when given."""

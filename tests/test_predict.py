@@ -113,7 +113,7 @@ def test_select_largest_area_exact():
 @pytest.fixture(scope="module")
 def phantom_run(phantom_cases, tiny_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom_out")
-    results = predict_folder(phantom_cases, out, tiny_bundle, options(), quiet=True)
+    results = predict_folder(phantom_cases, out, tiny_bundle, options(mode="largest"), quiet=True)
     return out, results
 
 
@@ -134,7 +134,7 @@ def test_phantoms_case_reports(phantom_cases, phantom_run):
     for c in ("Phantom_0001", "Phantom_0002", "Rot_0001"):
         r = json.loads((out / f"{c}.json").read_text())
         assert r["case"] == c and r["ok"] is True and r["error"] is None
-        assert r["mode"] == "propagate" and r["num_slices"] == 24
+        assert r["mode"] == "largest" and r["num_slices"] == 24
         assert r["sampled"] == sample_candidates(24).tolist()
         assert set(map(int, r["references"])) <= set(r["sampled"])
         assert all(1 <= o <= 13 for organs in r["references"].values() for o in organs)
@@ -405,15 +405,19 @@ def test_sigkill_leaves_no_partial_output_and_rerun_cleans_up(long_cases, tiny_b
     assert proc.returncode == -signal.SIGKILL
     written = _check_complete_outputs(out, long_cases)
     assert 1 <= len(written) < 3, written  # killed mid-run, after the first case
-    # a kill can leave only hidden temporaries; plant stale ones as a kill mid-write would
-    for p in out.iterdir():
-        assert not p.name.startswith(".") or ".part" in p.name, p.name
-    (out / ".Phantom_0003.nii.gz.k1ll3d.part.nii.gz").write_bytes(b"\x1f\x8bhalf")
-    (out / ".Phantom_0003.json.part.tmp").write_text('{"case": ')
+    # a kill can leave only its private folder of temporaries; plant stale ones in it as a
+    # kill mid-write would, and a hidden file of someone else's that must survive the rerun
+    hidden = [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name[: len(".flare22-run.")] for p in hidden] == [".flare22-run."], hidden
+    (hidden[0] / "part.k1ll3d.nii.gz").write_bytes(b"\x1f\x8bhalf")
+    (hidden[0] / "part.json").write_text('{"case": ')
+    (out / ".someone-elses.part.tmp").write_text("keep")
     rerun = run_cli("predict", "-i", long_cases, "-o", out, "--bundle", tiny_bundle, "--threads", "1",
                     "--device", "cpu", "--quiet")
     assert rerun.returncode == 0, rerun.stderr
     assert "3 of 3 cases written" in rerun.stdout
+    assert (out / ".someone-elses.part.tmp").read_text() == "keep"
+    (out / ".someone-elses.part.tmp").unlink()
     assert_outputs(out, LONG)
     assert _check_complete_outputs(out, long_cases) == LONG
 
@@ -424,7 +428,8 @@ def test_sigterm_removes_temporaries(long_cases, tiny_bundle, tmp_path):
     try:
         _wait_for_first_case(proc, out)
         # stands for a write in progress when the signal comes
-        (out / ".Phantom_0002.nii.gz.inflight.part.nii.gz").write_bytes(b"\x1f\x8b")
+        private = next(out.glob(".flare22-run.*"))
+        (private / "part.inflight.nii.gz").write_bytes(b"\x1f\x8b")
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     finally:
