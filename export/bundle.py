@@ -45,6 +45,7 @@ from app.argtypes import nonneg_int, positive_int
 from app.bundle import FORMAT, FORMAT_VERSION, load_bundle, sha256_file
 from app.labels import CLASS_NAMES
 from app.propagation import PropagationConfig, read_memory
+from app.predict import DEFAULT_MODE, MODES, propagation_option
 from app.windowing import DEFAULT_WINDOWS
 from app.errors import Flare22Error
 from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
@@ -107,6 +108,18 @@ class _Read(nn.Module):
         ck, p = query_key.shape
         out = self.net.read_memory(mem_keys, mem_values, query_key.reshape(ck, p, 1), top_k=self.top_k)
         return out.reshape(out.shape[0], out.shape[1], p)
+
+
+def graph_modules(a: nn.Module, b: nn.Module, net: STCN, top_k: int) -> dict[str, nn.Module]:
+    """The exported graphs' modules by name, in eval mode: the reference pair and STCN's stages."""
+    return {
+        "reference": CPSPair(a, b).eval(),
+        "stcn_key": _Stage(net, _key).eval(),
+        "stcn_skip": _Stage(net, _skip).eval(),
+        "stcn_value": _Stage(net, _value).eval(),
+        "stcn_decode": _Stage(net, _decode).eval(),
+        "stcn_read": _Read(net, top_k).eval(),
+    }
 
 
 def stcn_shapes(cfg) -> dict:
@@ -431,15 +444,8 @@ def _export_into(out: Path, final: Path, *, reference, propagation, ref_config, 
     a.eval(), b.eval(), net.eval()
     ch = stcn_shapes(net.cfg)
     specs = graph_specs(hw, ch)
-    prop = PropagationConfig(top_k=net.cfg.top_k, **(prop_overrides or {}))
-    modules = {
-        "reference": CPSPair(a, b).eval(),
-        "stcn_key": _Stage(net, _key).eval(),
-        "stcn_skip": _Stage(net, _skip).eval(),
-        "stcn_value": _Stage(net, _value).eval(),
-        "stcn_decode": _Stage(net, _decode).eval(),
-        "stcn_read": _Read(net, prop.top_k).eval(),
-    }
+    prop = PropagationConfig(top_k=net.cfg.top_k).with_overrides(prop_overrides or {})
+    modules = graph_modules(a, b, net, prop.top_k)
     rng = np.random.default_rng(seed)
     graphs, parity = {}, []
     for name, module in modules.items():
@@ -535,6 +541,10 @@ def add_arguments(p) -> None:
     p.add_argument("--no-programs", action="store_true", help="skip the torch.export programs")
     p.add_argument("--every", type=positive_int, default=5, help="reference candidates: every n-th slice")
     p.add_argument("--max-candidates", type=positive_int, default=64)
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help=f"the pipeline mode the bundle runs by default (manifest sampling.mode; default {DEFAULT_MODE})")
+    p.add_argument("--propagation-option", action="append", default=[], type=propagation_option,
+                   metavar="KEY=VALUE", help="a sampling (every, max) or propagation setting written to the manifest")
     p.add_argument("--seed", type=nonneg_int, default=0)
 
 
@@ -544,10 +554,13 @@ def run(args) -> int:
         print("flare22 export: give --reference and --propagation checkpoints, or --random CONFIG", file=sys.stderr)
         return 2
     cfg = args.random or "tiny"
+    options = dict(args.propagation_option)
+    sampling = {"every": options.pop("every", args.every), "max": options.pop("max", args.max_candidates),
+                "mode": args.mode}
     try:
         out = export_bundle(args.out, reference=args.reference, propagation=args.propagation, ref_config=cfg,
                             stcn_config=cfg, seed=args.seed, fp16=args.fp16, programs=not args.no_programs,
-                            sampling={"every": args.every, "max": args.max_candidates}, force=args.force)
+                            sampling=sampling, prop_overrides=options, force=args.force)
     except Flare22Error as exc:
         print(f"flare22 export: {exc}", file=sys.stderr)
         return 2
