@@ -1,38 +1,41 @@
-# flare22 appliance. ONNX Runtime GPU 1.31 needs CUDA 13 and cuDNN 9: NVIDIA driver >= 580.
-# Build: make image BUNDLE=path/to/bundle; run as the FLARE organisers do:
+# flare22 appliance: the ONNX bundle, the app/ package and predict.sh, nothing fetched at run time.
+# Build: `make image BUNDLE=path/to/bundle` (docker, or podman where no docker daemon answers).
+# Run as the FLARE organisers do (`--network=none` works too):
 #   docker container run --gpus="device=0" --rm -v $PWD/inputs/:/workspace/inputs/ \
 #     -v $PWD/outputs/:/workspace/outputs/ flare22:latest /bin/bash -c "sh predict.sh"
-FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+# BASE: any Debian/Ubuntu image with python3 (>= 3.11) and its venv module. The default is the
+# official slim Python image; machines without an image registry build from a local debootstrap
+# base (`make image-test` makes localhost/flare22-base:bookworm). CUDA and cuDNN come as pinned
+# PyPI wheels (requirements.txt: CUDA 13.0.x, so NVIDIA driver >= 580), not from the base.
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
 
 ARG BUNDLE=bundle
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONDONTWRITEBYTECODE=1 \
+# Only at build time, for networks that intercept TLS: the path of a CA bundle mounted into the
+# build (`-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/host-ca.crt:ro`); never copied in.
+ARG PIP_CERT
+ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     FLARE22_HOME=/opt/flare22 \
     FLARE22_PYTHON=/opt/venv/bin/python \
     FLARE22_BUNDLE=/opt/flare22/bundle
 
-# The CUDA base image fixes the Ubuntu release, and with it these packages' versions.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
-    && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv
-
 WORKDIR /opt/flare22
 COPY requirements.txt .
-RUN /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --no-compile -r requirements.txt
 
 # The appliance only: no torch, no training or export code. Weights are baked in.
 COPY app/ app/
 COPY predict.sh .
 COPY ${BUNDLE}/ bundle/
+COPY docker/predict.sh /workspace/predict.sh
 
-RUN useradd --create-home --uid 1000 flare \
-    && mkdir -p /workspace/inputs /workspace/outputs \
-    && cp /opt/flare22/predict.sh /workspace/predict.sh \
-    && chown -R 1000:1000 /workspace
-USER 1000
+# Runs as root, as the organisers' own examples do: their FLARE22 script creates outputs/ as
+# root with mode 0755, which no other user can write. Files are written 0644 (umask 022).
+RUN mkdir -p /workspace/inputs /workspace/outputs \
+    && chmod -R a+rX /opt/flare22 /workspace
 WORKDIR /workspace
 CMD ["sh", "/workspace/predict.sh"]

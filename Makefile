@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo image lint clean
+.PHONY: setup test test-fast demo image image-test lint clean
 
 setup: $(STAMP)
 
@@ -23,9 +23,15 @@ test-fast: setup
 demo: setup
 	$(BIN)/python -m training.demo --out demo
 
+# The image: docker where a daemon answers, else podman (docs/efficiency.md). BASE= picks the base.
 BUNDLE ?= demo/bundle
 image:
-	docker build --build-arg BUNDLE=$(BUNDLE) -t flare22:latest .
+	BUNDLE=$(BUNDLE) sh docker/image.sh
+
+# Build and run the image as the organisers do, on this kind of machine (installs podman,
+# runc and debootstrap with apt when missing). Exit 77 from the script: cannot run here.
+image-test: setup
+	@PY=$(abspath $(BIN))/python bash docker/image-test.sh; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 77 ]
 
 lint: setup
 	$(BIN)/hadolint Dockerfile

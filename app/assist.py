@@ -1,10 +1,15 @@
 """Annotation assist: fill a CT's label volume from a few annotated axial slices.
 
-    flare22 propagate --image CT --annotations LABELS --out OUT --bundle BUNDLE [--slices 12,40,77]
+    flare22 propagate --image CT --annotations LABELS --out OUT [--mode interp] [--bundle BUNDLE] [--slices 12,40,77]
 
-The user labels a few axial slices in any tool (the label volume is zero elsewhere); the
-propagation engine (app.propagation, the same one the appliance runs) fills every other
-slice from those, in both directions. Annotated slices are copied to the output unchanged
+The user labels a few axial slices in any tool (the label volume is zero elsewhere); every
+other slice is filled from those by one of four modes (``--mode``): ``nearest`` copies the
+nearest drawn slice; ``interp`` interpolates each organ's shape between the drawn slices
+around it (signed distances blended by distance, :class:`ShapeInterpolator`); ``stcn`` runs
+the propagation engine (app.propagation, the same one the appliance runs) from the drawn
+slices in both directions; ``fused`` blends STCN's probabilities into the interpolation,
+more so the further a slice lies from a drawn one (:class:`FusionConfig`). The default is
+chosen from the table in docs/results.md. Annotated slices are copied to the output unchanged
 and organs never drawn stay absent. Slice numbers are the file's own k index (the third
 ITK axis), whatever the canonical orientation; by default every slice with any label counts
 as annotated.
@@ -17,9 +22,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from .argtypes import positive_int
 from .ctio import check_same_grid, read_ct, write_labels
@@ -46,6 +53,124 @@ def nearest_copy(annotations: np.ndarray, slices: list[int]) -> np.ndarray:
     return out
 
 
+MODES = ("nearest", "interp", "stcn", "fused")
+DEFAULT_MODE = "interp"
+
+
+def signed_distance(mask: np.ndarray) -> np.ndarray:
+    """In-plane signed distance (pixels) of a 2-D mask: >= 1 inside, <= -1 outside."""
+    mask = np.asarray(mask, bool)
+    return (ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask)).astype(np.float32)
+
+
+class ShapeInterpolator:
+    """Shape-based interpolation between drawn slices, organ by organ.
+
+    Between the drawn slices a < t < b an organ's level function is the signed distances of
+    its masks on a and b blended linearly by distance, (b - t) / (b - a) * d_a + (t - a) /
+    (b - a) * d_b; the organ is where that is positive. Where the organ is drawn on only one
+    side, the other side's distance is ``-vanish * depth`` (depth: the largest inside
+    distance of the drawn mask), so the shape shrinks towards its centre and is gone at
+    1 / (1 + vanish) of the way: an organ that ends between two drawn slices tapers rather
+    than stopping at the midpoint. With ``align`` both distances are first shifted so the
+    organ's centroid moves linearly from a to b (organs that drift across the plane, like the
+    stomach or the duodenum, are not cut down to the overlap of the two drawn shapes).
+    Outside the drawn range the nearest drawn slice is copied.
+    Overlaps go to the organ with the largest level."""
+
+    def __init__(self, annotations: np.ndarray, slices: list[int], *, vanish: float = 1.0, align: bool = True):
+        self.ann = annotations
+        self.slices = sorted(int(s) for s in slices)
+        self.vanish = float(vanish)
+        self.align = align
+        self._sdf: dict[int, dict[int, np.ndarray]] = {}
+        self._centre: dict[int, dict[int, np.ndarray]] = {}
+
+    def _distances(self, t: int) -> dict[int, np.ndarray]:
+        if t not in self._sdf:
+            lab = self.ann[t]
+            organs = [int(o) for o in np.unique(lab) if o != 0]
+            self._sdf[t] = {o: signed_distance(lab == o) for o in organs}
+            self._centre[t] = {o: np.argwhere(lab == o).mean(axis=0) for o in organs}
+        return self._sdf[t]
+
+    def levels(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(organ ids, (k, h, w) level functions) of slice t: positive inside each organ."""
+        s = self.slices
+        i = int(np.searchsorted(s, t))
+        if i < len(s) and s[i] == t or i == 0 or i == len(s):
+            near = s[min(i, len(s) - 1)] if (i < len(s) and s[i] == t) or i == 0 else s[-1]
+            d = self._distances(near)
+            ids = sorted(d)
+            return np.asarray(ids, int), (np.stack([d[o] for o in ids]) if ids else
+                                          np.zeros((0,) + self.ann.shape[1:], np.float32))
+        a, b = s[i - 1], s[i]
+        wa = (b - t) / (b - a)
+        da, db = self._distances(a), self._distances(b)
+        ids = sorted(set(da) | set(db))
+        out = np.empty((len(ids),) + self.ann.shape[1:], np.float32)
+        for k, o in enumerate(ids):
+            fa = da.get(o)
+            fb = db.get(o)
+            if fa is None:
+                fa = np.float32(-self.vanish * max(1.0, float(fb.max())))
+            elif fb is None:
+                fb = np.float32(-self.vanish * max(1.0, float(fa.max())))
+            elif self.align:  # both shapes moved to the interpolated centre before blending
+                ca, cb = self._centre[a][o], self._centre[b][o]
+                c = wa * ca + (1 - wa) * cb
+                fa = ndimage.shift(fa, c - ca, order=1, mode="nearest")
+                fb = ndimage.shift(fb, c - cb, order=1, mode="nearest")
+            out[k] = wa * fa + (1 - wa) * fb
+        return np.asarray(ids, int), out
+
+    def labels(self, t: int) -> np.ndarray:
+        ids, lev = self.levels(t)
+        if not len(ids):
+            return np.zeros(self.ann.shape[1:], np.uint8)
+        win = lev.argmax(axis=0)
+        return np.where(lev.max(axis=0) > 0, ids[win], 0).astype(np.uint8)
+
+
+def interpolate(annotations: np.ndarray, slices: list[int], *, vanish: float = 1.0, align: bool = True) -> np.ndarray:
+    """Mode ``interp``: every undrawn slice from the shape-based interpolation."""
+    si = ShapeInterpolator(annotations, slices, vanish=vanish, align=align)
+    out = np.empty_like(annotations, dtype=np.uint8)
+    for t in range(annotations.shape[0]):
+        out[t] = annotations[t] if t in si.slices else si.labels(t)
+    return out
+
+
+@dataclass
+class FusionConfig:
+    """Mode ``fused``: per organ, p = (1 - lam) * sigmoid(level / tau) + lam * p_stcn, with
+    lam = stcn_weight * min(1, distance to the nearest drawn slice / ramp): next to a drawn
+    slice the interpolation is nearly exact, further away STCN's view of the image counts more."""
+
+    tau: float = 2.0  # pixels of the level function per unit of logit
+    stcn_weight: float = 0.5
+    ramp: float = 5.0  # slices
+    vanish: float = 1.0
+
+
+def fuse(interp: ShapeInterpolator, result, t: int, hw: tuple[int, int], cfg: FusionConfig) -> np.ndarray:
+    """One slice of mode ``fused`` from the interpolation and the STCN engine's result."""
+    ids, lev = interp.levels(t)
+    if not len(ids):
+        return np.zeros(hw, np.uint8)
+    p = 1.0 / (1.0 + np.exp(-np.clip(lev / cfg.tau, -30, 30)))
+    dist = min(abs(t - s) for s in interp.slices)
+    lam = cfg.stcn_weight * min(1.0, dist / cfg.ramp)
+    if lam > 0:
+        stcn = result.organ_probs(t)[ids - 1]
+        if stcn.shape[-2:] != tuple(hw):
+            stcn = resize_stack(stcn, tuple(hw))
+        p = (1 - lam) * p + lam * np.clip(stcn, 0, 1)
+    bg = np.prod(1 - p, axis=0, keepdims=True)
+    win = np.concatenate([bg, p], axis=0).argmax(axis=0)
+    return np.concatenate([[0], ids]).astype(np.uint8)[win]
+
+
 def propagate_annotations(
     backend,
     volume: np.ndarray,
@@ -55,23 +180,47 @@ def propagate_annotations(
     *,
     windows=DEFAULT_WINDOWS,
     config: PropagationConfig | None = None,
+    mode: str = "stcn",
+    fusion: FusionConfig | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """(N, h, w) HU + annotations on ``slices`` -> (N, h, w) labels and the engine's stats."""
+    """(N, h, w) HU + annotations on ``slices`` -> (N, h, w) labels and stats.
+
+    ``mode``: ``nearest`` (copy the nearest drawn slice), ``interp`` (shape-based
+    interpolation), ``stcn`` (the propagation engine alone), ``fused`` (STCN fused with the
+    interpolation). The first two need no backend."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     n, h, w = volume.shape
-    refs = {int(t): resize_labels_nearest(annotations[t], hw).astype(np.uint8) for t in slices}
-
-    def get(idx):
-        return resize_stack(window_slices(volume[np.asarray(idx)], windows), hw)
-
-    engine = PropagationEngine(backend, config or PropagationConfig(), num_organs=NUM_CLASSES - 1)
+    slices = sorted(int(t) for t in slices)
+    fusion = fusion or FusionConfig()
     t0 = time.perf_counter()
-    result = engine.run(n, hw, get, refs)
-    out = np.zeros_like(annotations, dtype=np.uint8)
-    for t in range(n):
-        out[t] = annotations[t] if t in refs else result.labels(t, (h, w))
+    stats: dict = {"mode": mode}
+    if mode == "nearest":
+        out = nearest_copy(annotations, slices)
+    elif mode == "interp":
+        out = interpolate(annotations, slices, vanish=fusion.vanish)
+    else:
+        refs = {t: resize_labels_nearest(annotations[t], hw).astype(np.uint8) for t in slices}
+
+        def get(idx):
+            return resize_stack(window_slices(volume[np.asarray(idx)], windows), hw)
+
+        engine = PropagationEngine(backend, config or PropagationConfig(), num_organs=NUM_CLASSES - 1)
+        result = engine.run(n, hw, get, refs)
+        si = ShapeInterpolator(annotations, slices, vanish=fusion.vanish)
+        out = np.zeros_like(annotations, dtype=np.uint8)
+        for t in range(n):
+            if t in refs:
+                out[t] = annotations[t]
+            elif mode == "stcn":
+                out[t] = result.labels(t, (h, w))
+            else:
+                out[t] = fuse(si, result, t, (h, w), fusion)
+        stats["engine"] = result.stats.to_json()
+    out[slices] = annotations[slices]
     seconds = time.perf_counter() - t0
-    return out, {"seconds": seconds, "seconds_per_slice": seconds / max(1, n - len(refs)),
-                 "references": sorted(refs), "engine": result.stats.to_json()}
+    stats.update({"seconds": seconds, "seconds_per_slice": seconds / max(1, n - len(slices)), "references": slices})
+    return out, stats
 
 
 def _parse_slices(text: str | None, annotations: np.ndarray, path: str) -> list[int]:
@@ -89,7 +238,11 @@ def add_arguments(p) -> None:
     p.add_argument("--image", required=True, help="the CT volume")
     p.add_argument("--annotations", required=True, help="label volume on the CT's grid, zero off the drawn slices")
     p.add_argument("--out", required=True, help="filled label volume to write (.nii.gz)")
-    p.add_argument("--bundle", required=True, help="model bundle (its STCN graphs are used)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help="nearest: copy the nearest drawn slice; interp: shape-based interpolation between drawn "
+                        "slices; stcn: the STCN propagation; fused: STCN fused with interp "
+                        f"(default {DEFAULT_MODE}: docs/results.md, 'Annotation assist')")
+    p.add_argument("--bundle", help="model bundle (its STCN graphs are used; needed by --mode stcn and fused)")
     p.add_argument("--slices", help="comma-separated file k indices that count as annotated (default: any labelled)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
     p.add_argument("--threads", type=positive_int)
@@ -117,16 +270,22 @@ def run(args) -> int:
             raise InputError(args.annotations, f"slices {bad} outside 0..{n - 1}")
         if not slices:
             raise InputError(args.annotations, "no annotated slice: draw at least one axial slice")
-        bundle = load_bundle(args.bundle)
-        _, stcn, info = load_backends(bundle, device=args.device, threads=args.threads)
-        labels, stats = propagate_annotations(stcn, volume, ann, slices, bundle.input_size,
-                                              windows=bundle.windows, config=bundle.propagation)
+        if args.mode in ("stcn", "fused"):
+            if not args.bundle:
+                raise InputError(args.image, f"--mode {args.mode} needs --bundle (the STCN graphs)")
+            bundle = load_bundle(args.bundle)
+            _, stcn, info = load_backends(bundle, device=args.device, threads=args.threads)
+            labels, stats = propagate_annotations(stcn, volume, ann, slices, bundle.input_size, windows=bundle.windows,
+                                                  config=bundle.propagation, mode=args.mode)
+        else:
+            info = {"providers": []}
+            labels, stats = propagate_annotations(None, volume, ann, slices, (0, 0), mode=args.mode)
         write_labels(labels, props, args.out)
     except Flare22Error as exc:
         print(f"flare22 propagate: {exc}", file=sys.stderr)
         return 2
     report = Path(str(args.out).replace(".nii.gz", "") + ".json")
     report.write_text(json.dumps({"annotated_slices": user, "providers": info["providers"], **stats}, indent=1))
-    print(f"filled {n - len(slices)} slices from {len(slices)} annotated in {stats['seconds']:.1f} s "
+    print(f"filled {n - len(slices)} slices from {len(slices)} annotated ({args.mode}) in {stats['seconds']:.1f} s "
           f"({1000 * stats['seconds_per_slice']:.0f} ms per slice); wrote {args.out}")
     return 0

@@ -13,6 +13,7 @@ start and on SIGTERM).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from .backends import DEVICES, EXTRA_BACKENDS, load_backends
 from .bundle import Bundle, load_bundle
 from .ctio import CTProperties, case_name, list_cases, read_ct, write_labels, write_map
 from .errors import BundleError, Flare22Error
-from .propagation import PUBLISHED, PropagationConfig, PropagationEngine
+from .propagation import PUBLISHED, PropagationConfig, PropagationEngine, normalised_entropy, organ_distribution
 from .resize import argmax_resized, resize_stack
 from .windowing import window_slices
 
@@ -57,6 +58,48 @@ def select_largest_area(areas: np.ndarray) -> dict[int, list[int]]:
     return dict(sorted(chosen.items()))
 
 
+# The pipeline's modes, all in one engine and one cost accounting (evaluation.benchmark).
+MODES = {
+    "dense": "the CPS pair on every slice, no propagation",
+    "interp": "the pair on the sampled slices, its probabilities interpolated linearly along z",
+    "nearest": "the pair on the sampled slices, every other slice copies the nearest one's labels",
+    "largest": "STCN from each organ's largest-area sampled slice, with the cost switches on",
+    "published": "STCN from each organ's largest-area sampled slice, the paper's propagation",
+    "reliable": "STCN from every sampled slice where the pair is reliable, votes weighted by distance",
+    "fused": "the reliable STCN fused with interpolation",
+}
+DEFAULT_MODE = "largest"  # when neither the command line nor the bundle's manifest names one
+LEGACY_MODES = {"propagate": "largest"}  # the name of the largest-area pipeline before the modes
+SAMPLING_KEYS = ("every", "max")  # --propagation-option keys that set the sampling, not the engine
+
+
+def resolve_settings(manifest: dict, mode: str | None, overrides: dict) -> tuple[str, dict, PropagationConfig]:
+    """(mode, sampling {every, max}, engine settings) of a run: the command line's ``mode`` and
+    ``overrides`` over the bundle manifest's ``sampling`` (its ``mode``, ``every``, ``max``) and
+    ``propagation``. A bad mode, key or value is a ValueError naming it."""
+    sampling = dict(manifest.get("sampling", {}))
+    mode = mode or overrides.get("mode") or sampling.pop("mode", None) or DEFAULT_MODE
+    sampling.pop("mode", None)
+    mode = LEGACY_MODES.get(mode, mode)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+    engine = {k: v for k, v in overrides.items() if k not in (*SAMPLING_KEYS, "mode")}
+    for key in SAMPLING_KEYS:
+        if key in overrides:
+            try:
+                sampling[key] = int(overrides[key])
+            except (TypeError, ValueError):
+                raise ValueError(f"sampling setting {key}={overrides[key]!r} is not an integer") from None
+        if int(sampling.get(key, 1)) < 1:
+            raise ValueError(f"sampling setting {key}={sampling[key]!r} must be at least 1")
+    known = PropagationConfig.__dataclass_fields__
+    cfg = PropagationConfig(**{k: v for k, v in manifest.get("propagation", {}).items() if k in known})
+    cfg = cfg.with_overrides(engine)
+    if mode == "published":
+        cfg = cfg.with_overrides(PUBLISHED)
+    return mode, {"every": int(sampling.get("every", 5)), "max": int(sampling.get("max", 64))}, cfg
+
+
 def pair_labels(probs_fn, volume: np.ndarray, windows, hw: tuple[int, int], batch: int = 8):
     """Yield (slice indices, (B, h, w) uint8 labels) over every axial slice of a canonical
     (N, h, w) HU volume: the one "volume -> pair labels" routine (training validation and
@@ -74,11 +117,11 @@ def pair_labels(probs_fn, volume: np.ndarray, windows, hw: tuple[int, int], batc
 @dataclass
 class PredictOptions:
     batch: int = 8
-    mode: str = "propagate"  # or "dense": the CPS pair on every slice, no propagation
+    mode: str | None = None  # one of MODES; None: the bundle's (manifest sampling.mode) or DEFAULT_MODE
     device: str = "auto"
     backend: str = "onnx"
     threads: int | None = None
-    propagation: dict = field(default_factory=dict)  # overrides of the bundle's settings
+    propagation: dict = field(default_factory=dict)  # overrides of the bundle's settings (and every / max)
     uncertainty: bool = False  # also return a per-voxel uncertainty map (see Predictor)
 
 
@@ -92,7 +135,11 @@ class Predictor:
         self.opt = options or PredictOptions()
         self.hw = bundle.input_size
         self.windows = bundle.windows
-        self.sampling = bundle.manifest["sampling"]
+        try:
+            self.mode, self.sampling, self.prop = resolve_settings(bundle.manifest, self.opt.mode,
+                                                                   self.opt.propagation)
+        except ValueError as exc:
+            raise Flare22Error(f"model bundle {bundle.path}: {exc}") from None
         self.num_organs = bundle.num_classes - 1
         if backends is None:
             self._load(self.opt.device)
@@ -105,12 +152,6 @@ class Predictor:
             self.bundle, backend=self.opt.backend, device=device, threads=self.opt.threads
         )
         self.device = device
-
-    def prop_config(self) -> PropagationConfig:
-        cfg = self.bundle.propagation
-        for k, v in self.opt.propagation.items():
-            setattr(cfg, k, v)
-        return cfg
 
     def slices(self, volume: np.ndarray, idx) -> np.ndarray:
         """Windowed slices at model resolution: (B, 3, H, W) float32."""
@@ -127,18 +168,28 @@ class Predictor:
     def predict_volume(self, volume: np.ndarray) -> tuple[np.ndarray, dict]:
         """(N, h, w) Hounsfield units in canonical orientation -> (N, h, w) uint8 labels."""
         n, h, w = volume.shape
-        timings: dict[str, float] = {}
-        report: dict = {"num_slices": n, "native_hw": [h, w], "model_hw": list(self.hw), "mode": self.opt.mode}
-        labels = np.zeros((n, h, w), np.uint8)
-        if self.opt.mode == "dense":
-            t0 = time.perf_counter()
-            for b, out in self.run_reference(volume, np.arange(n)):
-                for j, t in enumerate(b):
-                    labels[t] = argmax_resized(out["probs"][j], (h, w))
-            timings["reference"] = time.perf_counter() - t0
-            report["timings"] = timings
-            return labels, report
+        report: dict = {"num_slices": n, "native_hw": [h, w], "model_hw": list(self.hw), "mode": self.mode}
+        if self.mode == "dense":
+            return self._dense(volume, report)
+        if self.mode in ("largest", "published"):
+            return self._largest_area(volume, report)
+        return self._every_sampled(volume, report)
 
+    def _dense(self, volume: np.ndarray, report: dict):
+        n, h, w = volume.shape
+        labels = np.zeros((n, h, w), np.uint8)
+        t0 = time.perf_counter()
+        for b, out in self.run_reference(volume, np.arange(n)):
+            for j, t in enumerate(b):
+                labels[t] = argmax_resized(out["probs"][j], (h, w))
+        report["timings"] = {"reference": time.perf_counter() - t0}
+        return labels, report
+
+    def _largest_area(self, volume: np.ndarray, report: dict):
+        """``largest`` / ``published``: STCN from each organ's largest-area sampled slice."""
+        n, h, w = volume.shape
+        timings: dict[str, float] = {}
+        labels = np.zeros((n, h, w), np.uint8)
         t0 = time.perf_counter()
         cands = sample_candidates(n, self.sampling["every"], self.sampling["max"])
         areas = np.zeros((len(cands), self.num_organs), np.int64)
@@ -184,7 +235,7 @@ class Predictor:
             return labels, report
 
         t0 = time.perf_counter()
-        engine = PropagationEngine(self.stcn, self.prop_config(), num_organs=self.num_organs)
+        engine = PropagationEngine(self.stcn, self.prop, num_organs=self.num_organs)
         result = engine.run(n, self.hw, lambda idx: self.slices(volume, idx), refs, ref_probs)
         timings["propagation"] = time.perf_counter() - t0
         report["propagation"] = {"config": engine.cfg.to_json(), **result.stats.to_json()}
@@ -203,6 +254,110 @@ class Predictor:
             report["uncertainty_map"] = umap
         report["timings"] = timings
         return labels, report
+
+    def _every_sampled(self, volume: np.ndarray, report: dict):
+        """``interp`` / ``nearest`` / ``reliable`` / ``fused``: every sampled slice keeps the
+        pair's labels; the slices between are filled from the sampled slices on both sides."""
+        n, h, w = volume.shape
+        timings: dict[str, float] = {}
+        labels = np.zeros((n, h, w), np.uint8)
+        umap = np.zeros((n, h, w), np.float32) if self.opt.uncertainty else None
+        t0 = time.perf_counter()
+        cands = sample_candidates(n, self.sampling["every"], self.sampling["max"])
+        keep_probs = self.mode in ("interp", "fused")
+        probs: list[np.ndarray] = []  # per candidate (C+1, H, W) float16, summed softmax / 2
+        masks = np.zeros((len(cands), *self.hw), np.uint8)
+        member_dsc = np.ones((len(cands), self.num_organs))
+        agreement = []
+        pos = 0
+        for b, out in self.run_reference(volume, cands):
+            both = "probs_a" in out and "probs_b" in out
+            for j, t in enumerate(b):
+                p = out["probs"][j] / 2.0
+                labels[t] = argmax_resized(p, (h, w))
+                masks[pos + j] = p.argmax(axis=0)
+                if keep_probs:
+                    probs.append(p.astype(np.float16))
+                if both:
+                    member_dsc[pos + j] = member_dice(out["probs_a"][j], out["probs_b"][j], self.num_organs)
+                if umap is not None:
+                    umap[t] = resize_stack(normalised_entropy(p), (h, w))
+            if both:
+                agreement.append(member_agreement(out["probs_a"], out["probs_b"], self.num_organs))
+            pos += len(b)
+        timings["reference"] = time.perf_counter() - t0
+        report["sampled"] = cands.tolist()
+        if agreement:
+            report["member_agreement"] = combine_agreement(agreement)
+        sampled = set(cands.tolist())
+        others = [t for t in range(n) if t not in sampled]
+
+        result = None
+        if self.mode in ("reliable", "fused"):
+            t0 = time.perf_counter()
+            areas = np.stack([np.bincount(m.ravel(), minlength=self.num_organs + 1)[1:] for m in masks])
+            weights = reliability(areas, member_dsc, self.prop.reliable_fraction, self.prop.reliable_agreement)
+            refs = {int(c): masks[i] for i, c in enumerate(cands)}
+            ref_weights = {int(c): weights[i] for i, c in enumerate(cands)}
+            report["references"] = {str(int(c)): [o + 1 for o in np.nonzero((weights[i] > 0) & (areas[i] > 0))[0]]
+                                    for i, c in enumerate(cands)}
+            timings["selection"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            engine = PropagationEngine(self.stcn, self.prop, num_organs=self.num_organs)
+            result = engine.run(n, self.hw, lambda idx: self.slices(volume, idx), refs,
+                                reference_weights=ref_weights)
+            timings["propagation"] = time.perf_counter() - t0
+            report["propagation"] = {"config": engine.cfg.to_json(), **result.stats.to_json()}
+
+        t0 = time.perf_counter()
+        for t in others:
+            i = int(np.searchsorted(cands, t))  # cands[i - 1] < t < cands[i]
+            lo, hi = (i - 1 if i > 0 else None), (i if i < len(cands) else None)
+            if self.mode == "nearest" or (keep_probs and (lo is None or hi is None)):
+                near = lo if hi is None or (lo is not None and t - cands[lo] <= cands[hi] - t) else hi
+                labels[t] = labels[cands[near]]
+                if umap is not None:
+                    umap[t] = umap[cands[near]]
+                if self.mode == "nearest" or self.mode == "interp":
+                    continue
+            dist = None
+            if keep_probs and lo is not None and hi is not None:
+                a = (t - cands[lo]) / (cands[hi] - cands[lo])
+                dist = (1 - a) * probs[lo].astype(np.float32) + a * probs[hi].astype(np.float32)
+            if result is not None:
+                stcn = organ_distribution(result.organ_probs(t))
+                fw = self.prop.fuse_weight
+                dist = stcn if dist is None else fw * stcn + (1 - fw) * dist
+            labels[t] = argmax_resized(dist, (h, w))
+            if umap is not None:
+                umap[t] = resize_stack(normalised_entropy(dist), (h, w))
+        timings["compose"] = time.perf_counter() - t0
+        if umap is not None:
+            report["uncertainty_map"] = umap
+        report["timings"] = timings
+        return labels, report
+
+
+def member_dice(pa: np.ndarray, pb: np.ndarray, num_organs: int) -> np.ndarray:
+    """(C+1, H, W) probabilities of the two CPS members on one slice -> (num_organs,) DSC of
+    their argmax masks per organ (1 where neither predicts the organ)."""
+    ma, mb = pa.argmax(0).ravel(), pb.argmax(0).ravel()
+    na = np.bincount(ma, minlength=num_organs + 1)[1:]
+    nb = np.bincount(mb, minlength=num_organs + 1)[1:]
+    inter = np.bincount(ma[ma == mb], minlength=num_organs + 1)[1:]
+    return np.where(na + nb > 0, 2 * inter / np.maximum(na + nb, 1), 1.0)
+
+
+def reliability(areas: np.ndarray, member_dsc: np.ndarray, fraction: float, agreement: float) -> np.ndarray:
+    """(k, C) reference weights of the sampled slices for the engine's weighted votes.
+
+    An organ predicted on a sampled slice is a reference there when its area is at least
+    ``fraction`` of its largest on the sampled slices and the two members agree on it (DSC >=
+    ``agreement``); its weight is that DSC. Where it is not predicted it votes 0 with weight 1
+    (known absent); otherwise (small or disputed) 0: neither propagated nor voted."""
+    best = areas.max(axis=0, keepdims=True)
+    ok = (areas >= fraction * best) & (member_dsc >= agreement)
+    return np.where(areas == 0, 1.0, np.where(ok, member_dsc, 0.0))
 
 
 def member_agreement(pa: np.ndarray, pb: np.ndarray, num_organs: int) -> dict:
@@ -451,20 +606,39 @@ def _json_default(o):
 # command line
 
 
+def propagation_option(text: str) -> tuple[str, object]:
+    """argparse type of ``--propagation-option KEY=VALUE``: a known key and a value of its type."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    key = key.strip().replace("-", "_")
+    try:
+        if key in SAMPLING_KEYS:
+            resolve_settings({}, None, {key: value})
+            return key, int(value)
+        return key, getattr(PropagationConfig().with_overrides({key: value}), key)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_arguments(p) -> None:
     p.add_argument("-i", "--input", required=True, help="folder of *_0000.nii.gz (.nii, .mha) CT volumes")
     p.add_argument("-o", "--output", required=True, help="folder for <case>.nii.gz label maps")
     p.add_argument("--bundle", required=True, help="model bundle folder (manifest.json + graphs)")
     p.add_argument("--report-dir", help="folder for the per-case JSON reports (default: the output folder)")
-    p.add_argument("--mode", choices=("propagate", "dense"), default="propagate",
-                   help="propagate (the method) or dense (the CPS pair on every slice)")
+    p.add_argument("--mode", choices=(*MODES, *LEGACY_MODES), default=None, metavar="MODE",
+                   help="how slices between the sampled ones are filled (default: the bundle's, else "
+                        f"{DEFAULT_MODE}): " + "; ".join(f"{k}: {v}" for k, v in MODES.items()))
+    p.add_argument("--propagation-option", action="append", default=[], type=propagation_option,
+                   metavar="KEY=VALUE", help="override a setting of the bundle: every / max (sampling) or a "
+                                             "propagation field (top_k, mem_every, reliable_fraction, ...)")
     p.add_argument("--backend", choices=("onnx", *EXTRA_BACKENDS), default="onnx",
                    help="ONNX Runtime (the appliance), or a backend the `flare22` command registers")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--batch", type=positive_int, default=8, help="slices per reference / key-encoder call")
     p.add_argument("--published-propagation", action="store_true",
-                   help="decode every organ on every slice, full frame (the authors' cost)")
+                   help="the same as --mode published (the authors' propagation and cost)")
     p.add_argument("--uncertainty", action="store_true",
                    help="also write <case>_uncertainty.nii.gz (member disagreement / propagation entropy)")
     p.add_argument("--review-threshold", type=probability, default=0.8,
@@ -474,11 +648,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    prop = {}
-    if args.published_propagation:
-        prop = dict(PUBLISHED)
-    opts = PredictOptions(batch=args.batch, mode=args.mode, device=args.device, backend=args.backend,
-                          threads=args.threads, propagation=prop, uncertainty=args.uncertainty)
+    mode = "published" if args.published_propagation else args.mode
+    opts = PredictOptions(batch=args.batch, mode=mode, device=args.device, backend=args.backend,
+                          threads=args.threads, propagation=dict(args.propagation_option),
+                          uncertainty=args.uncertainty)
     t0 = time.perf_counter()
     try:
         results = predict_folder(args.input, args.output, args.bundle, opts, args.report_dir, args.quiet,

@@ -35,6 +35,7 @@ what each buys):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -108,14 +109,52 @@ class PropagationConfig:
     # (cheaper where calls cost more than the pixels: small inputs, GPUs), instead of
     # one call per organ on its own window (cheaper where compute dominates).
     batch_organs: bool = False
-
-    @classmethod
-    def published(cls, **kw) -> "PropagationConfig":
-        """The authors' propagation: every organ, every slice, full frame, both directions."""
-        return cls(**{**PUBLISHED, **kw})
+    # The `reliable` and `fused` pipeline modes (app.predict): a sampled slice is a reference
+    # for an organ when the organ covers at least `reliable_fraction` of its largest area on
+    # the sampled slices and the two CPS members' masks of it agree (DSC) at least
+    # `reliable_agreement`; `fuse_weight` is STCN's share when fused with interpolation.
+    reliable_fraction: float = 0.2
+    reliable_agreement: float = 0.5
+    fuse_weight: float = 0.5
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def with_overrides(self, overrides: dict) -> "PropagationConfig":
+        """A copy with ``overrides`` applied; values may be strings (``--propagation-option``)
+        and are converted to each field's type. An unknown key or a bad value is a ValueError
+        naming it."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        values = {}
+        for key, value in overrides.items():
+            if key not in fields:
+                raise ValueError(f"unknown propagation setting {key!r} (known: {', '.join(fields)})")
+            values[key] = _convert(key, value, type(getattr(self, key)))
+        return dataclasses.replace(self, **values)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _convert(key: str, value, kind: type):
+    """``value`` (a string from the command line, or already typed) as ``kind``."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in _TRUE + _FALSE:
+            return str(value).lower() in _TRUE
+    elif kind is int and not isinstance(value, bool):
+        try:
+            if float(value) == int(float(value)):
+                return int(float(value))
+        except (TypeError, ValueError):
+            pass
+    elif kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"propagation setting {key}={value!r} is not a {kind.__name__}")
 
 
 def read_memory(mem_keys: np.ndarray, mem_values: np.ndarray, query_key: np.ndarray, top_k: int) -> np.ndarray:
@@ -152,6 +191,21 @@ def aggregate(probs: np.ndarray) -> np.ndarray:
     logits -= logits.max(axis=0, keepdims=True)
     e = np.exp(logits)
     return e / e.sum(axis=0, keepdims=True)
+
+
+def organ_distribution(probs: np.ndarray) -> np.ndarray:
+    """(O, H, W) independent organ probabilities (the engine's votes) -> (O+1, H, W) a
+    distribution, background = prod(1 - p) first, normalised per pixel."""
+    p = np.clip(probs, 0, 1)
+    dist = np.concatenate([np.prod(1 - p, axis=0, keepdims=True), p], axis=0)
+    return dist / np.maximum(dist.sum(axis=0, keepdims=True), 1e-7)
+
+
+def normalised_entropy(dist: np.ndarray) -> np.ndarray:
+    """(K, H, W) non-negative scores -> (H, W) entropy of their normalisation, in 0..1."""
+    dist = dist / np.maximum(dist.sum(axis=0, keepdims=True), 1e-7)
+    ent = -(dist * np.log(np.maximum(dist, 1e-7))).sum(axis=0)
+    return (ent / np.log(dist.shape[0])).astype(np.float32)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
@@ -349,31 +403,48 @@ class PropagationEngine:
         raise TypeError("a backend with its own tensors must stack them: give it a concat() method")
 
     # ---- one pass -----------------------------------------------------------------
-    def _pass(self, ref: int, stop: int, direction: int, lo: int, hi: int) -> None:
-        """Propagate from reference slice ``ref`` to ``stop`` (inclusive), one direction."""
+    def _pass(self, ref: int, stop: int, direction: int, lo: int, hi: int, far: int | None = None) -> None:
+        """Propagate from reference slice ``ref`` to ``stop`` (inclusive), one direction.
+
+        ``far``: the reference at the other end of a two-sided range; with reference weights
+        a vote's weight falls linearly from ``ref`` to ``far``."""
         ref_mask = self._refs[ref]
-        feats = self._features(ref, direction, lo, hi)
+        rel = None if self._weights is None else self._weights[ref]
+        steps = range(ref + direction, stop + direction, direction)
+
+        def weight(t: int, organ: int) -> float:
+            if rel is None:
+                return 1.0
+            w = float(rel[organ - 1])
+            return w * abs(far - t) / abs(far - ref) if far is not None else w
+
         total = np.isin(ref_mask, np.arange(1, self.num_organs + 1)).astype(np.float32)
         states: list[_OrganState] = []
         items = []
         for o in range(1, self.num_organs + 1):
             target = (ref_mask == o).astype(np.float32)
-            if not target.any() and self.cfg.skip_absent:
+            present = bool(target.any())
+            if rel is not None and (rel[o - 1] <= 0 or not present):
+                if not present and rel[o - 1] > 0:  # reliably absent here: votes 0 on the way
+                    for t in steps:
+                        self._votes[t, o - 1] += weight(t, o)
+                continue  # unreliable here: no vote
+            if not present and self.cfg.skip_absent:
                 continue
             win = self._window_of(target > 0) or self._full_window()
             states.append(_OrganState(o, win))
             items.append((win, target, total - target))
         if not states:
             return
+        feats = self._features(ref, direction, lo, hi)
         for st, frame in zip(states, self._encode_frames(feats, items)):
             frame.is_ref = True
             st.memory.append(frame)
-        steps = range(ref + direction, stop + direction, direction)
         for n_step, t in enumerate(steps, start=1):
             live = [st for st in states if st.alive]
             for st in states:
                 if not st.alive:
-                    self._votes[t, st.organ - 1] += 1
+                    self._votes[t, st.organ - 1] += weight(t, st.organ)
             if not live:
                 continue
             feats = self._features(t, direction, lo, hi)
@@ -396,8 +467,9 @@ class PropagationEngine:
                 p = agg[i]
                 win = decoded[i][0]
                 y0, y1, x0, x1 = (v * self._stride for v in win)
-                self._entries[t].append((st.organ, win, p[y0:y1, x0:x1].astype(np.float16)))
-                self._votes[t, st.organ - 1] += 1
+                w = weight(t, st.organ)
+                self._entries[t].append((st.organ, win, p[y0:y1, x0:x1].astype(np.float16), w))
+                self._votes[t, st.organ - 1] += w
                 fg = p > 0.5
                 if self.cfg.early_stop and int(fg.sum()) < self.cfg.min_pixels:
                     st.misses += 1
@@ -426,8 +498,17 @@ class PropagationEngine:
         get_slices: Callable[[list[int]], np.ndarray],
         references: dict[int, np.ndarray],
         reference_probs: dict[int, np.ndarray] | None = None,
+        reference_weights: dict[int, np.ndarray] | None = None,
     ) -> "PropagationResult":
-        """Propagate the reference masks through ``num_slices`` slices of size ``hw``."""
+        """Propagate the reference masks through ``num_slices`` slices of size ``hw``.
+
+        Without ``reference_weights`` every pass that carries an organ casts one vote per
+        slice (the mean of their probabilities decides). With them (reference slice ->
+        (num_organs,) weights, every reference given) votes are weighted: an organ present
+        on a reference with weight w is propagated from it and votes w, scaled inside a
+        two-sided range by the distance to the other end (linear, as interpolation would);
+        an organ absent from a reference with weight w > 0 votes 0 with that weight (it is
+        known to be absent there); an organ with weight 0 is neither propagated nor voted."""
         if not references:
             raise ValueError("propagation needs at least one reference slice")
         s = self.backend.stride
@@ -436,7 +517,12 @@ class PropagationEngine:
         self._stride, self._hw, self._grid = s, tuple(hw), (hw[0] // s, hw[1] // s)
         self._get_slices = get_slices
         self._refs = {int(k): np.asarray(v) for k, v in references.items()}
-        self._votes = np.zeros((num_slices, self.num_organs), np.int32)
+        self._votes = np.zeros((num_slices, self.num_organs), np.float64)
+        self._weights = None
+        if reference_weights is not None:
+            self._weights = {int(k): np.asarray(v, np.float64) for k, v in reference_weights.items()}
+            if set(self._weights) != set(self._refs):
+                raise ValueError("reference_weights must give a weight vector for every reference slice")
         self._entries: dict[int, list] = defaultdict(list)
         self._cache: dict[int, dict] = {}
         refs = sorted(self._refs)
@@ -448,8 +534,8 @@ class PropagationEngine:
         self._evict_below(refs[0])
         for a, b in zip(refs[:-1], refs[1:]):
             if b - a > 1:
-                self._pass(a, b - 1, +1, a, b)
-                self._pass(b, a + 1, -1, a, b)
+                self._pass(a, b - 1, +1, a, b, far=b)
+                self._pass(b, a + 1, -1, a, b, far=a)
             self._evict_below(b)
         if refs[-1] < num_slices - 1:
             self._pass(refs[-1], num_slices - 1, +1, refs[-1], num_slices - 1)
@@ -474,7 +560,7 @@ class PropagationResult:
     references: dict[int, np.ndarray]
     reference_probs: dict[int, np.ndarray]  # slice -> (C+1, H, W) probabilities, optional
     entries: dict[int, list]
-    votes: np.ndarray
+    votes: np.ndarray  # (num_slices, num_organs) summed vote weights
     stats: PropagationStats
     stride: int
 
@@ -499,14 +585,14 @@ class PropagationResult:
             ids = np.nonzero(full.reshape(self.num_organs, -1).max(axis=1) > 0)[0]
             return ids + 1, full[ids]
         entries = self.entries.get(t, [])
-        ids = sorted({organ for organ, _, _ in entries})
+        ids = sorted({e[0] for e in entries})
         out = np.zeros((len(ids),) + self.hw, np.float32)
         row = {o: i for i, o in enumerate(ids)}
         s = self.stride
-        for organ, (y0, y1, x0, x1), p in entries:
-            out[row[organ], y0 * s : y1 * s, x0 * s : x1 * s] += p
+        for organ, (y0, y1, x0, x1), p, w in entries:
+            out[row[organ], y0 * s : y1 * s, x0 * s : x1 * s] += p if w == 1.0 else w * p.astype(np.float32)
         votes = self.votes[t, np.asarray(ids, int) - 1] if ids else np.zeros(0)
-        out /= np.maximum(votes, 1)[:, None, None]
+        out /= np.where(votes > 0, votes, 1.0)[:, None, None]
         return np.asarray(ids, int), out
 
     def entropy(self, t: int, out_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -514,10 +600,7 @@ class PropagationResult:
         p = np.clip(self.organ_probs(t), 0, 1)
         if out_hw is not None and tuple(out_hw) != self.hw:
             p = np.clip(resize_stack(p, tuple(out_hw)), 0, 1)
-        dist = np.concatenate([np.prod(1 - p, axis=0, keepdims=True), p], axis=0)
-        dist /= np.maximum(dist.sum(axis=0, keepdims=True), 1e-7)
-        ent = -(dist * np.log(np.maximum(dist, 1e-7))).sum(axis=0)
-        return (ent / np.log(dist.shape[0])).astype(np.float32)
+        return normalised_entropy(np.concatenate([np.prod(1 - p, axis=0, keepdims=True), p], axis=0))
 
     def labels(self, t: int, out_hw: tuple[int, int] | None = None) -> np.ndarray:
         """Label slice t (uint8), resized to ``out_hw`` before the argmax when given."""

@@ -2,11 +2,19 @@
 
     python bench/propagation_eval.py largest --stcn CKPT      # GT masks on each organ's largest slice
     python bench/propagation_eval.py every10 --stcn CKPT      # GT drawn on every 10th slice (annotation assist)
+    python bench/propagation_eval.py assist [--stcn CKPT]     # the assist's modes, every 5th / 10th / 20th slice
 
 Each runs on the 4 held-out learnability phantoms and on the real CTs of ../shared/data
 (TotalSegEx_0001 and _0003; skipped with a message when absent), and prints per-organ DSC
 of the filled volume against the full ground truth next to the nearest-slice copy baseline,
 with the engine's seconds per filled slice. JSON under bench/out/propagation_eval/.
+
+``assist`` is the annotation assist's table: ground truth drawn on every 5th, 10th and 20th
+slice (from slice 0), each mode of ``flare22 propagate --mode`` (nearest, interp, and with
+``--stcn`` also stcn and fused) scored by mean DSC over the organs in the ground truth, per
+real CT (TotalSegEx_0001, _0002, _0003; their labels are TotalSegmentator's output, not
+manual) and over the held-out phantoms (the demo's test set: seed 4000, 48 x 128 x 128,
+written under bench/out/propagation_eval/phantoms unless ``--phantoms`` names a folder).
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.assist import largest_area_slices, nearest_copy, propagate_annotations  # noqa: E402
+from app.assist import MODES, FusionConfig, largest_area_slices, nearest_copy, propagate_annotations  # noqa: E402
 from app.ctio import read_ct, read_label_like  # noqa: E402
 from app.labels import ORGANS  # noqa: E402
 from app.propagation import PropagationConfig  # noqa: E402
@@ -43,12 +51,89 @@ def cases(phantom_dir: Path):
         print(f"real CTs not found at {SHARED}: skipped")
 
 
+REAL = ("TotalSegEx_0001", "TotalSegEx_0002", "TotalSegEx_0003")
+
+
+def assist_cases(phantom_dir: Path):
+    """(group, case name, image, label): the held-out phantoms, then each real CT."""
+    for img in sorted((phantom_dir / "images").glob("*_0000.nii.gz")):
+        yield "phantoms", img.name.replace("_0000.nii.gz", ""), img, phantom_dir / "labels" / img.name.replace("_0000", "")
+    if (SHARED / "images").is_dir():
+        for name in REAL:
+            yield name, name, SHARED / "images" / f"{name}_0000.nii.gz", SHARED / "labels" / f"{name}.nii.gz"
+    else:
+        print(f"real CTs not found at {SHARED}: skipped")
+
+
+def mean_dsc(gt: np.ndarray, pred: np.ndarray) -> float:
+    """Mean DSC over the organs present in the ground truth."""
+    return float(np.mean([dice(gt == o, pred == o) for o in ORGANS if (gt == o).any()]))
+
+
+def assist_table(args) -> int:
+    phantoms = Path(args.phantoms) if args.phantoms else OUT / "phantoms"
+    if not (phantoms / "images").is_dir():
+        from evaluation.phantom import write_dataset
+
+        print(f"writing the 4 held-out phantoms (demo test set, seed 4000) to {phantoms}")
+        write_dataset(phantoms, 4, seed=4000, shape_zyx=(48, 128, 128))
+    modes = [m for m in args.modes.split(",") if m]
+    backend, size = None, 128
+    if args.stcn:
+        net, state = load_stcn(args.stcn)
+        size = 128 if state["config"]["model"] == "tiny" else 512
+        backend = TorchStcnBackend(net, "cpu")
+    else:
+        modes = [m for m in modes if m in ("nearest", "interp")]
+    fusion = FusionConfig(**json.loads(args.fusion)) if args.fusion else FusionConfig()
+    steps = [int(s) for s in args.steps.split(",")]
+    rows: dict = {}
+    for group, name, img, lab in assist_cases(phantoms):
+        vol, props = read_ct(img)
+        gt = read_label_like(lab, props)
+        for step in steps:
+            slices = list(range(0, gt.shape[0], step))
+            ann = np.zeros_like(gt)
+            ann[slices] = gt[slices]
+            for mode in modes:
+                pred, stats = propagate_annotations(backend, vol, ann, slices, (size, size), mode=mode, fusion=fusion)
+                r = rows.setdefault(group, {}).setdefault(f"every{step}", {}).setdefault(mode, {"dsc": [], "ms": []})
+                r["dsc"].append(mean_dsc(gt, pred))
+                r["ms"].append(1000 * stats["seconds_per_slice"])
+    res = {"stcn": args.stcn or None, "fusion": fusion.__dict__, "groups": {}}
+    for group, by_step in rows.items():
+        res["groups"][group] = {}
+        for step, by_mode in by_step.items():
+            res["groups"][group][step] = {m: {"mean_dsc": float(np.mean(v["dsc"])), "cases": len(v["dsc"]),
+                                              "ms_per_filled_slice": float(np.mean(v["ms"]))} for m, v in by_mode.items()}
+    print("\nannotation assist, mean DSC over organs (real CT labels are TotalSegmentator output)")
+    print("| case | drawn | " + " | ".join(modes) + " |\n|---|---|" + "---|" * len(modes))
+    for group, by_step in res["groups"].items():
+        for step, by_mode in by_step.items():
+            print(f"| {group} | {step} | " + " | ".join(f"{by_mode[m]['mean_dsc']:.3f}" for m in modes) + " |")
+    OUT.mkdir(parents=True, exist_ok=True)
+    out = Path(args.json) if args.json else OUT / "assist.json"
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("largest", "every10"))
-    p.add_argument("--stcn", required=True)
-    p.add_argument("--phantoms", default=str(ROOT / "bench/out/learnability/data/val"))
+    p.add_argument("what", choices=("largest", "every10", "assist"))
+    p.add_argument("--stcn", help="STCN checkpoint (required for largest / every10)")
+    p.add_argument("--phantoms", default="", help="labelled phantom folder (default: see the module docstring)")
+    p.add_argument("--modes", default=",".join(MODES), help="assist: modes to score")
+    p.add_argument("--steps", default="5,10,20", help="assist: draw every k-th slice, for each k")
+    p.add_argument("--fusion", default="", help='assist: FusionConfig fields as JSON, e.g. {"stcn_weight": 0.3}')
+    p.add_argument("--json", default="", help="assist: where to write the JSON (default bench/out/propagation_eval/assist.json)")
     args = p.parse_args()
+    if args.what == "assist":
+        return assist_table(args)
+    if not args.stcn:
+        p.error(f"{args.what} needs --stcn")
+    if not args.phantoms:
+        args.phantoms = str(OUT / "phantoms")
     net, state = load_stcn(args.stcn)
     size = 128 if state["config"]["model"] == "tiny" else 512
     backend = TorchStcnBackend(net, "cpu")

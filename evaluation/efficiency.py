@@ -15,16 +15,33 @@ Two halves:
 Units: "MB" is what the organisers' monitor reports, which is MiB (bytes / 2**20); the CPU
 figures are percent of the whole machine (all logical CPUs together = 100), so AUC_CPU_Time
 is in percent-seconds; areas are ``sum(samples) * 0.1``, exactly as the organisers compute
-them, so they assume the samples are 0.1 s apart. The sampler therefore keeps a fixed rate
-(ticks at k x 0.1 s after start; a late tick is skipped and counted, never bunched up),
-where the organisers' loop sleeps 0.1 s after each query and drifts a little slower.
+them (JunMa11/FLARE, FLARE22/Evaluation/Efficiency.py and load_json.py; FLARE23 and FLARE24
+have the same code), whatever the real spacing of the samples.
 
-CPU formula: ``"exact"`` (default) is 100 x (1 - d_idle / d_total) with d_total the change
-of all ``cpu_times()`` fields except guest and guest_nice (which Linux already counts in
-user and nice). ``"organisers"`` reproduces their script: only user, system and idle are
-summed and 0.1 is added to the denominator, ``100 - 100 x d_idle / (d_user + d_system +
-d_idle + 0.1)``, which reads a few percent above zero on an idle machine (about 7.7 % on
-their 12-thread evaluation machine) and ignores nice, iowait, irq and softirq time.
+Sampling schedule: ``"organisers"`` (default) is their loop: the first sample at t = 0, as the
+monitor starts (their daemon process starts before the container), then a sleep of 0.1 s
+after each query, so the period is 0.1 s plus the query's own time and drifts slower.
+``"grid"`` ticks at k x 0.1 s after start from 0.1 s on (a late tick is skipped and counted,
+never bunched up): fewer samples per second than theirs is impossible, so its areas come out
+a little higher than theirs for the same run.
+
+CPU formula: ``"organisers"`` (default) reproduces their script: per sample the shares
+``100 x d / (d_user + d_system + d_idle + 0.1)`` of user, system and idle (their JSON's
+``cpu_list``), and the utilisation ``100 - idle share``; it reads a few percent above zero on
+an idle machine (about 7.7 % on their 12-thread evaluation machine) and ignores nice, iowait,
+irq and softirq time. Their first sample spans the moment from their script's start to the
+first query; ours the moment from :class:`ResourceMonitor`'s creation to the first sample.
+``"exact"`` is 100 x (1 - d_idle / d_total) with d_total the change of all ``cpu_times()``
+fields except guest and guest_nice (which Linux already counts in user and nice). Both are
+always recorded: the chosen one fills CPU_Utilization / AUC_CPU_Time, the exact one also
+goes to CPU_Utilization_Exact / AUC_CPU_Time_Exact.
+
+Editions (``--edition``): the column names and GPU-memory rule of the organisers' code.
+FLARE22: ``GPU_Mem`` is the largest value seen in more than 2 % of the samples (their
+``load_json.py``), and ``CPU_Utilization``, ``RAM``; FLARE23 and FLARE24: ``MaxGPU_Mem``
+(the plain maximum), ``MaxCPU_Utilization``, ``MaxRAM``. What is only in the rules' text, not
+in their code: the 2 GB tolerance (``AUC_GPU_Time_2GB``, an extra column here) and the
+charges for a case that hangs (:func:`hang_figures`).
 
 The watched tree's RSS is the sum over its processes (pages shared between them count
 once per process); its GPU memory is what NVML lists for those PIDs, which reads 0 where
@@ -66,7 +83,10 @@ HANG_AUC_GPU_TOLERANT = 3600.0 * (10240.0 - 2048.0)
 HANG_AUC_CPU = 360000.0
 
 CpuFormula = Literal["exact", "organisers"]
-CPU_FORMULAS: tuple[str, ...] = ("exact", "organisers")
+CPU_FORMULAS: tuple[str, ...] = ("organisers", "exact")
+Schedule = Literal["organisers", "grid"]
+SCHEDULES: tuple[str, ...] = ("organisers", "grid")
+EDITIONS: tuple[int, ...] = (22, 23, 24)
 
 
 # --------------------------------------------------------------------------------------
@@ -117,12 +137,19 @@ def spike_filtered_max(series: Sequence[float], fraction: float = SPIKE_FRACTION
     return float(max(kept))
 
 
+def cpu_shares_organisers(before, after) -> list[float]:
+    """[user, system, idle] as the organisers' script records them per sample (``cpu_list``):
+    ``100 x d / (d_user + d_system + d_idle + 0.1)`` between two ``cpu_times()`` readings."""
+    d = [getattr(after, k) - getattr(before, k) for k in ("user", "system", "idle")]
+    total = sum(d)
+    return [100.0 * v / (total + 0.1) for v in d]
+
+
 def cpu_busy_percent(before, after, formula: CpuFormula = "exact") -> float:
     """Machine-wide CPU utilisation between two ``psutil.cpu_times()`` readings: 100 - idle %."""
-    d = {name: getattr(after, name) - getattr(before, name) for name in after._fields}
     if formula == "organisers":
-        total = d["user"] + d["system"] + d["idle"] + 0.1
-        return 100.0 - 100.0 * d["idle"] / total
+        return 100.0 - cpu_shares_organisers(before, after)[2]
+    d = {name: getattr(after, name) - getattr(before, name) for name in after._fields}
     if formula != "exact":
         raise ValueError(f"unknown CPU formula {formula!r}; expected one of {CPU_FORMULAS}")
     # Linux counts guest time inside user/nice already (psutil's cpu_percent drops it too).
@@ -136,13 +163,13 @@ def cpu_busy_percent(before, after, formula: CpuFormula = "exact") -> float:
 class Figures:
     """One case's figures, named as in the organisers' efficiency CSV (plus a few extras).
 
-    ``auc_gpu_time_2gb`` (the 2 GB tolerance) is the GPU figure that FLARE22 ranks on.
-    GPU fields are ``None`` when there were no GPU samples (no NVML); sample-derived fields
-    are ``None`` for an empty series.
+    ``auc_gpu_time_2gb`` (the 2 GB tolerance of FLARE22's rules) is the GPU figure FLARE22
+    ranks on. GPU fields are ``None`` when there were no GPU samples (no NVML);
+    sample-derived fields are ``None`` for an empty series.
     """
 
     time_s: float
-    gpu_mem_mb: float | None
+    gpu_mem_mb: float | None  # FLARE22's GPU_Mem: the 2 % spike rule
     auc_gpu_time: float | None
     auc_gpu_time_2gb: float | None
     cpu_utilization: float | None
@@ -152,36 +179,53 @@ class Figures:
     gpu_process_max_mb: float | None = None
     rss_max_mb: float | None = None
     n_samples: int = 0
+    gpu_mem_max_mb: float | None = None  # FLARE23/24's MaxGPU_Mem: the plain maximum
+    cpu_utilization_exact: float | None = None
+    auc_cpu_time_exact: float | None = None
 
-    # organisers' column name -> attribute, in their order (extras after)
-    COLUMNS: ClassVar[dict[str, str]] = {
-        "Time": "time_s",
-        "GPU_Mem": "gpu_mem_mb",
-        "AUC_GPU_Time": "auc_gpu_time",
+    # the organisers' columns per edition, in their order: column name -> attribute
+    EDITION_COLUMNS: ClassVar[dict[int, dict[str, str]]] = {
+        22: {"Time": "time_s", "GPU_Mem": "gpu_mem_mb", "AUC_GPU_Time": "auc_gpu_time",
+             "CPU_Utilization": "cpu_utilization", "AUC_CPU_Time": "auc_cpu_time",
+             "RAM": "ram_mb", "AUC_RAM_Time": "auc_ram_time"},
+        23: {"Time": "time_s", "MaxGPU_Mem": "gpu_mem_max_mb", "AUC_GPU_Time": "auc_gpu_time",
+             "MaxCPU_Utilization": "cpu_utilization", "AUC_CPU_Time": "auc_cpu_time",
+             "MaxRAM": "ram_mb", "AUC_RAM_Time": "auc_ram_time"},
+    }
+    EDITION_COLUMNS[24] = EDITION_COLUMNS[23]
+    # ours, after theirs (AUC_GPU_Time_2GB: FLARE22's rules' text, not their code)
+    EXTRA_COLUMNS: ClassVar[dict[str, str]] = {
         "AUC_GPU_Time_2GB": "auc_gpu_time_2gb",
-        "CPU_Utilization": "cpu_utilization",
-        "AUC_CPU_Time": "auc_cpu_time",
-        "RAM": "ram_mb",
-        "AUC_RAM_Time": "auc_ram_time",
+        "CPU_Utilization_Exact": "cpu_utilization_exact",
+        "AUC_CPU_Time_Exact": "auc_cpu_time_exact",
         "GPU_Mem_Process_Max": "gpu_process_max_mb",
         "RSS_Max": "rss_max_mb",
         "Samples": "n_samples",
     }
+    COLUMNS: ClassVar[dict[str, str]] = {**EDITION_COLUMNS[22], **EXTRA_COLUMNS}
     # decimals the organisers' CSV rounds each column to (None: as is)
     DECIMALS: ClassVar[dict[str, int | None]] = {
-        "Time": 2, "GPU_Mem": 0, "AUC_GPU_Time": 0, "AUC_GPU_Time_2GB": 0,
-        "CPU_Utilization": 2, "AUC_CPU_Time": 2, "RAM": 2, "AUC_RAM_Time": 0,
+        "Time": 2, "GPU_Mem": 0, "MaxGPU_Mem": 0, "AUC_GPU_Time": 0, "AUC_GPU_Time_2GB": 0,
+        "CPU_Utilization": 2, "MaxCPU_Utilization": 2, "AUC_CPU_Time": 2, "RAM": 2, "MaxRAM": 2,
+        "AUC_RAM_Time": 0, "CPU_Utilization_Exact": 2, "AUC_CPU_Time_Exact": 2,
         "GPU_Mem_Process_Max": 0, "RSS_Max": 2, "Samples": None,
     }
 
-    def to_dict(self) -> dict:
-        """Full-precision figures under the organisers' column names."""
-        return {col: getattr(self, attr) for col, attr in self.COLUMNS.items()}
+    @classmethod
+    def columns(cls, edition: int = 22) -> dict[str, str]:
+        """Column name -> attribute: the organisers' columns of ``edition``, then ours."""
+        if edition not in cls.EDITION_COLUMNS:
+            raise ValueError(f"unknown FLARE edition {edition!r}; expected one of {EDITIONS}")
+        return {**cls.EDITION_COLUMNS[edition], **cls.EXTRA_COLUMNS}
 
-    def to_row(self) -> dict:
+    def to_dict(self, edition: int = 22) -> dict:
+        """Full-precision figures under the organisers' column names of ``edition``."""
+        return {col: getattr(self, attr) for col, attr in self.columns(edition).items()}
+
+    def to_row(self, edition: int = 22) -> dict:
         """The organisers' rounding (``np.round``, half to even), for the CSV."""
         row = {}
-        for col, value in self.to_dict().items():
+        for col, value in self.to_dict(edition).items():
             digits = self.DECIMALS[col]
             row[col] = value if value is None or digits is None else float(np.round(value, digits))
         return row
@@ -194,6 +238,32 @@ def hang_figures() -> Figures:
         auc_gpu_time_2gb=HANG_AUC_GPU_TOLERANT, cpu_utilization=None,
         auc_cpu_time=HANG_AUC_CPU, ram_mb=None, auc_ram_time=None,
     )
+
+
+def organisers_record(samples: "Samples", time_s: float) -> dict:
+    """A case as the organisers' ``Efficiency.py`` saves it (what their ``load_json.py`` reads):
+    ``gpu_memory`` (MiB per sample), ``cpu_list`` ([user, system, idle] % per sample),
+    ``RAM_list`` (MiB per sample) and ``time`` (s)."""
+    return {
+        "gpu_memory": [float(v) for v in (samples.gpu_mb or [])],
+        "cpu_list": [[float(x) for x in c] for c in samples.cpu_list],
+        "RAM_list": [float(v) for v in samples.ram_mb],
+        "time": float(time_s),
+    }
+
+
+def figures_from_organisers_record(record: dict, interval_s: float = SAMPLE_INTERVAL_S) -> Figures:
+    """Figures of a case saved in the organisers' JSON form (``time`` missing: their fallback,
+    0.1 s per GPU sample). The exact CPU formula needs raw counters and stays ``None``."""
+    cpu_list = record.get("cpu_list") or []
+    gpu = [float(v) for v in record.get("gpu_memory") or []]
+    samples = Samples(
+        interval_s=interval_s, t=[i * interval_s for i in range(len(cpu_list))],
+        gpu_mb=gpu or None, cpu_percent=[100.0 - float(c[2]) for c in cpu_list],
+        cpu_list=[list(c) for c in cpu_list], ram_mb=[float(v) for v in record.get("RAM_list") or []],
+    )
+    time_s = record["time"] if "time" in record else interval_s * len(gpu)
+    return compute_figures(samples, time_s)
 
 
 def _max_or_none(series: Sequence[float | None] | None) -> float | None:
@@ -209,6 +279,7 @@ def compute_figures(
     n = len(samples.cpu_percent)
     gpu = samples.gpu_mb
     has_gpu = gpu is not None and len(gpu) > 0
+    exact = samples.cpu_percent_exact or []
     return Figures(
         time_s=float(time_s),
         gpu_mem_mb=spike_filtered_max(gpu) if has_gpu else None,
@@ -221,6 +292,9 @@ def compute_figures(
         gpu_process_max_mb=_max_or_none(samples.gpu_process_mb),
         rss_max_mb=_max_or_none(samples.rss_mb),
         n_samples=n,
+        gpu_mem_max_mb=float(max(gpu)) if has_gpu else None,
+        cpu_utilization_exact=float(max(exact)) if exact else None,
+        auc_cpu_time_exact=auc(exact, dt) if exact else None,
     )
 
 
@@ -236,11 +310,14 @@ class Samples:
     series end early (shorter than ``t``) if NVML fails mid-run."""
 
     interval_s: float = SAMPLE_INTERVAL_S
-    cpu_formula: str = "exact"
+    cpu_formula: str = "organisers"
+    schedule: str = "organisers"
     t: list[float] = field(default_factory=list)  # seconds since the monitor started
     gpu_mb: list[float] | None = None  # device-wide, NVML total - free, MiB
     gpu_process_mb: list[float | None] | None = None  # the watched process tree, MiB
-    cpu_percent: list[float] = field(default_factory=list)  # machine-wide, 100 - idle %
+    cpu_percent: list[float] = field(default_factory=list)  # machine-wide, 100 - idle %, by cpu_formula
+    cpu_percent_exact: list[float] = field(default_factory=list)  # the exact formula, always
+    cpu_list: list[list[float]] = field(default_factory=list)  # the organisers' [user, system, idle] %
     ram_mb: list[float] = field(default_factory=list)  # psutil.virtual_memory().used, MiB
     rss_mb: list[float] = field(default_factory=list)  # watched process tree RSS sum, MiB
 
@@ -390,6 +467,8 @@ class ResourceMonitor:
     closes it on stop; a :class:`GpuProbe` is used as given and left open (share one across
     many cases); ``None`` measures no GPU. ``pid`` is the root of the process tree whose RSS
     (and GPU memory) is summed; default this process; :meth:`track` changes it while running.
+    ``schedule`` and ``cpu_formula``: see the module's docstring (both default to the
+    organisers'); the CPU counters are first read when the monitor is created.
 
     Usage::
 
@@ -405,16 +484,20 @@ class ResourceMonitor:
         gpu: "GpuProbe | str | None" = "auto",
         gpu_index: int | str | None = None,
         pid: int | None = None,
-        cpu_formula: CpuFormula = "exact",
+        cpu_formula: CpuFormula = "organisers",
+        schedule: Schedule = "organisers",
     ):
         if interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         if cpu_formula not in CPU_FORMULAS:
             raise ValueError(f"unknown CPU formula {cpu_formula!r}; expected one of {CPU_FORMULAS}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown sampling schedule {schedule!r}; expected one of {SCHEDULES}")
         if not (gpu is None or gpu == "auto" or isinstance(gpu, GpuProbe)):
             raise ValueError(f"gpu must be 'auto', None or a GpuProbe, got {gpu!r}")
         self.interval_s = float(interval_s)
         self.cpu_formula = cpu_formula
+        self.schedule = schedule
         self._gpu_arg = gpu
         self._gpu_index = gpu_index
         self._gpu: GpuProbe | None = None
@@ -426,8 +509,8 @@ class ResourceMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
-        self._cpu_before = None
-        self.samples = Samples(interval_s=self.interval_s, cpu_formula=cpu_formula)
+        self._cpu_before = psutil.cpu_times()  # as the organisers' script reads it at import
+        self.samples = Samples(interval_s=self.interval_s, cpu_formula=cpu_formula, schedule=schedule)
         self.missed_ticks = 0
         self.thread_cpu_s = 0.0  # CPU time of the sampling thread: the monitor's own cost
         self.elapsed_s = 0.0
@@ -446,7 +529,8 @@ class ResourceMonitor:
             self._gpu_active = True
             self.samples.gpu_mb = []
             self.samples.gpu_process_mb = []
-        self._cpu_before = psutil.cpu_times()
+        if self.schedule == "grid":
+            self._cpu_before = psutil.cpu_times()
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="ResourceMonitor", daemon=True)
         self._thread.start()
@@ -488,6 +572,11 @@ class ResourceMonitor:
             self.thread_cpu_s = time.thread_time() - c0
 
     def _run_ticks(self) -> None:
+        if self.schedule == "organisers":  # sample now, sleep 0.1 s, repeat (their loop)
+            while True:
+                self._sample()
+                if self._stop.wait(self.interval_s):
+                    return
         k = 1
         while True:
             deadline = self._t0 + k * self.interval_s
@@ -526,7 +615,8 @@ class ResourceMonitor:
     def _sample(self) -> None:
         t = time.perf_counter() - self._t0
         cpu_now = psutil.cpu_times()
-        cpu = cpu_busy_percent(self._cpu_before, cpu_now, self.cpu_formula)
+        shares = cpu_shares_organisers(self._cpu_before, cpu_now)
+        exact = cpu_busy_percent(self._cpu_before, cpu_now, "exact")
         self._cpu_before = cpu_now
         ram = psutil.virtual_memory().used / MIB
         procs = self._tree()
@@ -550,7 +640,9 @@ class ResourceMonitor:
             s.gpu_mb.append(gpu_dev)
             s.gpu_process_mb.append(gpu_proc)
         s.t.append(t)
-        s.cpu_percent.append(cpu)
+        s.cpu_percent.append(100.0 - shares[2] if self.cpu_formula == "organisers" else exact)
+        s.cpu_percent_exact.append(exact)
+        s.cpu_list.append(shares)
         s.ram_mb.append(ram)
         s.rss_mb.append(rss / MIB)
 

@@ -2,17 +2,29 @@
 
 For every ``*_0000`` CT in ``--input`` the harness copies that case alone into a fresh
 temporary input folder, starts the command with a fresh temporary output folder, and
-measures it with :class:`evaluation.efficiency.ResourceMonitor` (REFERENCE section 3). Time runs from
-just before the process is started to its exit, so process start-up, model loading and CUDA
-initialisation count towards the case (with ``--image`` a fresh container per case, as the
-organisers run it). What the command writes is moved into ``--output``; the prediction is
-expected there as ``<case>.nii.gz``.
+measures it with :class:`evaluation.efficiency.ResourceMonitor` (REFERENCE section 3), the way the
+organisers' scripts do (JunMa11/FLARE, ``FLARE22/Evaluation/resource_eval.py``,
+``Efficiency.py`` and ``load_json.py``; FLARE23 and FLARE24 alike): the first sample is taken
+as the monitor starts, just before the process, then one every 0.1 s plus the query's time;
+Time runs from just before the process starts until the samples are saved (``<case>.json``
+in their form: ``gpu_memory``, ``cpu_list``, ``RAM_list``, ``time``), so process start-up,
+model loading and CUDA initialisation count (with ``--image`` a fresh container per case).
+The output folder is made as their script makes it: FLARE22 ``os.makedirs`` (0755 under the
+usual umask, owned by whoever runs the harness), FLARE23/24 ``chmod -R 777``. What the
+command writes is moved into ``--output``; the prediction is expected as ``<case>.nii.gz``.
+
+``--edition 22|23|24`` picks their column names, GPU-memory rule and Docker flags (FLARE23/24
+add ``--shm-size=28gb -m 28G``). Which figures follow their code and which their rules' text:
+see :mod:`evaluation.efficiency`.
 
 Two ways to run a case:
 
 * ``--image TAG``: the organisers' command,
   ``docker container run --gpus="device=N" --name NAME --rm -v IN:/workspace/inputs/
-  -v OUT:/workspace/outputs/ TAG /bin/bash -c "sh predict.sh"``.
+  -v OUT:/workspace/outputs/ TAG /bin/bash -c "sh predict.sh"`` (FLARE23/24:
+  ``--shm-size=28gb -m 28G`` first). ``--engine podman`` runs it with podman and the flags
+  machines without a Docker daemon need (docs/efficiency.md); ``--no-gpu`` drops ``--gpus``;
+  ``--network-none`` adds ``--network=none``.
 * local (default ``bash predict.sh``, or ``--command "..."`` run with ``bash -c``), with
   ``FLARE22_INPUT`` and ``FLARE22_OUTPUT`` set to the case's folders (and ``FLARE22_BUNDLE``
   with ``--bundle``; ``CUDA_VISIBLE_DEVICES`` with ``--gpu``).
@@ -56,11 +68,14 @@ from app.argtypes import existing_dir, nonneg_int, positive_float
 from app.ctio import case_name, list_cases
 from evaluation.efficiency import (
     CPU_FORMULAS,
+    EDITIONS,
+    SCHEDULES,
     Figures,
     GpuProbe,
     ResourceMonitor,
     default_gpu_index,
     hang_figures,
+    organisers_record,
 )
 
 log = logging.getLogger(__name__)
@@ -69,6 +84,14 @@ DOCKER_INPUTS = "/workspace/inputs/"
 DOCKER_OUTPUTS = "/workspace/outputs/"
 DEFAULT_LOCAL = ("bash", "predict.sh")
 STATUSES = ("ok", "failed", "no_output", "timeout", "error")
+# what FLARE23/24's command adds (Docker's default /dev/shm is 64 MB)
+EDITION_DOCKER_FLAGS = {22: (), 23: ("--shm-size=28gb", "-m", "28G"), 24: ("--shm-size=28gb", "-m", "28G")}
+# podman on machines without a Docker daemon (setrlimit not permitted, hybrid cgroups)
+ENGINES = {
+    "docker": ("docker",),
+    "podman": ("podman", "--runtime=runc", "--storage-driver=vfs", "--cgroup-manager=cgroupfs"),
+}
+ENGINE_RUN_FLAGS = {"docker": (), "podman": ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")}
 
 
 # --------------------------------------------------------------------------------------
@@ -91,15 +114,23 @@ def container_name(prefix: str, case: str) -> str:
 
 
 def docker_command(
-    image: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, gpu: int = 0,
-    name: str | None = None,
+    image: str, input_dir: str | os.PathLike, output_dir: str | os.PathLike, *, gpu: int | None = 0,
+    name: str | None = None, edition: int = 22, engine: str = "docker", network_none: bool = False,
 ) -> list[str]:
     """The organisers' per-case command as an argv list (no shell in between).
 
-    ``--gpus="device=N"`` in their shell line reaches Docker as ``--gpus=device=N``; the
-    folders are bind-mounted by absolute path.
+    ``--gpus="device=N"`` in their shell line reaches Docker as ``--gpus=device=N``
+    (``gpu=None``: left out, for machines without a GPU); the folders are bind-mounted by
+    absolute path. ``engine`` and ``network_none`` add only what this machine needs.
     """
-    argv = ["docker", "container", "run", f"--gpus=device={int(gpu)}"]
+    if edition not in EDITIONS:
+        raise ValueError(f"unknown FLARE edition {edition!r}; expected one of {EDITIONS}")
+    argv = [*ENGINES[engine], "container", "run", *ENGINE_RUN_FLAGS[engine]]
+    if network_none:
+        argv.append("--network=none")
+    argv += EDITION_DOCKER_FLAGS[edition]
+    if gpu is not None:
+        argv.append(f"--gpus=device={int(gpu)}")
     if name:
         argv += ["--name", name]
     argv += [
@@ -115,17 +146,21 @@ def docker_command(
 @dataclass(frozen=True)
 class DockerCommand:
     image: str
-    gpu: int = 0
+    gpu: int | None = 0
     name_prefix: str = "flare22_eff"
+    edition: int = 22
+    engine: str = "docker"
+    network_none: bool = False
 
     def build(self, input_dir: Path, output_dir: Path, case: str) -> tuple[list[str], dict | None]:
         name = container_name(self.name_prefix, case)
-        return docker_command(self.image, input_dir, output_dir, gpu=self.gpu, name=name), None
+        return docker_command(self.image, input_dir, output_dir, gpu=self.gpu, name=name, edition=self.edition,
+                              engine=self.engine, network_none=self.network_none), None
 
     def kill(self, case: str) -> None:
         # killing the docker client does not stop the container
         subprocess.run(
-            ["docker", "kill", container_name(self.name_prefix, case)],
+            [*ENGINES[self.engine], "kill", container_name(self.name_prefix, case)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
         )
 
@@ -171,6 +206,7 @@ class CaseResult:
     dsc: float | None = None
     nsd: float | None = None
     monitor: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)  # the organisers' JSON form of the case
 
     def summary(self) -> dict:
         """The case without its sample series."""
@@ -181,7 +217,9 @@ class CaseResult:
         }
 
     def to_dict(self) -> dict:
+        """Ours, plus the keys their ``load_json.py`` reads (gpu_memory, cpu_list, RAM_list, time)."""
         return {
+            **self.record,
             **self.summary(),
             "command": self.command,
             "measured_figures": self.measured.to_dict(),
@@ -216,7 +254,9 @@ def run_case(
     *,
     gpu: GpuProbe | None = None,
     timeout_s: float | None = None,
-    cpu_formula: str = "exact",
+    cpu_formula: str = "organisers",
+    schedule: str = "organisers",
+    edition: int = 22,
     workdir: str | os.PathLike | None = None,
 ) -> CaseResult:
     """Run ``command`` on one case alone and measure it. Never raises for a bad case."""
@@ -230,16 +270,19 @@ def run_case(
         log.info("%s: removing the previous %s", case, prediction)
         prediction.unlink()
     with tempfile.TemporaryDirectory(prefix=f"flare22-eff-{case}-", dir=workdir) as tmp:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700: a container's user must reach the mounts
         in_dir, out_dir = Path(tmp) / "inputs", Path(tmp) / "outputs"
-        in_dir.mkdir()
-        out_dir.mkdir()
-        os.chmod(in_dir, 0o755)
-        os.chmod(out_dir, 0o777)  # a container may write as another user
-        shutil.copy2(input_file, in_dir / input_file.name)
+        # as their scripts make them: os.makedirs (0777 & ~umask); FLARE23/24 chmod -R 777 outputs/
+        os.makedirs(in_dir)
+        os.makedirs(out_dir)
+        if edition != 22:
+            os.chmod(out_dir, 0o777)
+        monitor = ResourceMonitor(gpu=gpu, cpu_formula=cpu_formula, schedule=schedule)
+        shutil.copy(input_file, in_dir / input_file.name)
         argv, env = command.build(in_dir, out_dir, case)
         log_path = report_dir / f"{case}.log"
         status, returncode, error = "ok", None, None
-        monitor = ResourceMonitor(gpu=gpu, cpu_formula=cpu_formula)
+        exit_s = None
         with open(log_path, "wb") as log_file:
             monitor.start()
             t0 = time.perf_counter()
@@ -249,7 +292,6 @@ def run_case(
                     stderr=subprocess.STDOUT, start_new_session=True,
                 )
             except OSError as exc:
-                elapsed = time.perf_counter() - t0
                 monitor.stop()
                 status, error = "error", f"could not start {argv[0]!r}: {exc}"
             else:
@@ -265,8 +307,12 @@ def run_case(
                     command.kill(case)
                     monitor.stop()
                     raise
-                elapsed = time.perf_counter() - t0
+                exit_s = time.perf_counter() - t0
                 monitor.stop()
+            # their Time stops once the samples are saved (the full record replaces this file)
+            record_path = report_dir / f"{case}.json"
+            record_path.write_text(json.dumps(organisers_record(monitor.samples, 0.0), indent=4))
+            elapsed = time.perf_counter() - t0
         if status == "ok" and returncode != 0:
             status, error = "failed", f"exit code {returncode}"
         if status != "timeout":  # what a hung case left half-written is dropped
@@ -279,7 +325,8 @@ def run_case(
         case=case, input_name=input_file.name, status=status, returncode=returncode,
         figures=hang_figures() if status == "timeout" else measured, measured=measured,
         command=argv, prediction=str(prediction) if have_prediction else None, error=error,
-        monitor=monitor.to_dict(elapsed),
+        monitor={**monitor.to_dict(elapsed), "exit_s": exit_s},
+        record=organisers_record(monitor.samples, elapsed),
     )
     log.info("%s: %s in %.2f s (%s)", case, status, elapsed, shlex.join(argv))
     return result
@@ -389,15 +436,20 @@ def plot_case(result: CaseResult, report_dir: str | os.PathLike) -> list[Path]:
     return paths
 
 
-CSV_COLUMNS = ["Name", *Figures.COLUMNS, "DSC", "NSD", "Status", "ReturnCode"]
+def csv_columns(edition: int = 22) -> list[str]:
+    """The organisers' columns of ``edition`` in their order, then ours."""
+    return ["Name", *Figures.columns(edition), "DSC", "NSD", "Status", "ReturnCode"]
 
 
-def write_csv(results: Sequence[CaseResult], path: str | os.PathLike) -> Path:
+CSV_COLUMNS = csv_columns(22)
+
+
+def write_csv(results: Sequence[CaseResult], path: str | os.PathLike, edition: int = 22) -> Path:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=csv_columns(edition))
         writer.writeheader()
         for r in results:
-            row = {"Name": r.input_name, **r.figures.to_row()}
+            row = {"Name": r.input_name, **r.figures.to_row(edition)}
             row.update(
                 DSC=None if r.dsc is None else round(r.dsc, 4),
                 NSD=None if r.nsd is None else round(r.nsd, 4),
@@ -416,6 +468,7 @@ SUMMARY_COLUMNS = [
     ("AUC GPU (MB s)", lambda r: r.figures.auc_gpu_time, "{:.0f}"),
     ("AUC CPU (% s)", lambda r: r.figures.auc_cpu_time, "{:.2f}"),
     ("GPU_Mem (MB)", lambda r: r.figures.gpu_mem_mb, "{:.0f}"),
+    ("MaxGPU_Mem (MB)", lambda r: r.figures.gpu_mem_max_mb, "{:.0f}"),
     ("RAM (MB)", lambda r: r.figures.ram_mb, "{:.2f}"),
 ]
 
@@ -436,7 +489,8 @@ def summary_markdown(results: Sequence[CaseResult], run_info: dict) -> str:
         f"- command: `{run_info['command']}`",
         f"- machine: {run_info['machine']}",
         f"- GPU: {run_info['gpu'] or 'not measured (no NVML)'}",
-        f"- CPU formula: {run_info['cpu_formula']}; samples every {run_info['interval_s']} s",
+        f"- FLARE{run_info.get('edition', 22)} columns; CPU formula: {run_info['cpu_formula']}; "
+        f"samples every {run_info['interval_s']} s ({run_info.get('schedule', 'organisers')} schedule)",
         f"- cases: {len(results)}, ok: {sum(r.status == 'ok' for r in results)}",
         "",
         "| Case | " + " | ".join(h for h, _, _ in SUMMARY_COLUMNS) + " | Status |",
@@ -462,7 +516,7 @@ def write_report(results: Sequence[CaseResult], report_dir: str | os.PathLike, r
     for r in results:
         (report_dir / f"{r.case}.json").write_text(json.dumps(r.to_dict(), indent=1))
         plot_case(r, report_dir)
-    write_csv(results, report_dir / "efficiency.csv")
+    write_csv(results, report_dir / "efficiency.csv", run_info.get("edition", 22))
     run_record = {**run_info, "cases": [r.summary() for r in results]}
     (report_dir / "efficiency.json").write_text(json.dumps(run_record, indent=1))
     (report_dir / "summary.md").write_text(summary_markdown(results, run_info))
@@ -482,7 +536,9 @@ def run_cases(
     gpu_index: int | str | None = None,
     measure_gpu: bool = True,
     timeout_s: float | None = None,
-    cpu_formula: str = "exact",
+    cpu_formula: str = "organisers",
+    schedule: str = "organisers",
+    edition: int = 22,
     gt_dir: str | os.PathLike | None = None,
     official_crop_off_by_one: bool = False,
 ) -> list[CaseResult]:
@@ -493,7 +549,8 @@ def run_cases(
     probe = GpuProbe.open(gpu_index) if measure_gpu else None  # one NVML session, one warning
     try:
         results = [
-            run_case(f, output_dir, report_dir, command, gpu=probe, timeout_s=timeout_s, cpu_formula=cpu_formula)
+            run_case(f, output_dir, report_dir, command, gpu=probe, timeout_s=timeout_s, cpu_formula=cpu_formula,
+                     schedule=schedule, edition=edition)
             for f in inputs
         ]
     finally:
@@ -507,6 +564,8 @@ def run_cases(
         "machine": f"{platform.node()}, {psutil.cpu_count()} logical CPUs, {mem:.1f} GiB RAM",
         "gpu": None if probe is None else f"{probe.name} (NVML index {probe.index})",
         "cpu_formula": cpu_formula,
+        "schedule": schedule,
+        "edition": edition,
         "interval_s": 0.1,
         "timeout_s": timeout_s,
     }
@@ -535,11 +594,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", default=None, help="sets FLARE22_BUNDLE for a local command")
     parser.add_argument("--timeout", type=positive_float, default=None,
                         help="seconds before a case counts as hung (killed, charged 3600 s)")
-    parser.add_argument("--cpu-formula", choices=CPU_FORMULAS, default="exact",
-                        help="'organisers' reproduces their script's CPU formula (see evaluation.efficiency)")
+    parser.add_argument("--edition", type=int, choices=EDITIONS, default=22,
+                        help="the organisers' column names, GPU-memory rule and docker flags of FLARE22, 23 or 24")
+    parser.add_argument("--cpu-formula", choices=CPU_FORMULAS, default="organisers",
+                        help="CPU_Utilization / AUC_CPU_Time by their script's formula (default) or the exact "
+                             "one (always in the *_Exact columns too; see evaluation.efficiency)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="organisers",
+                        help="their sampling loop (a sample, then 0.1 s sleep) or a fixed 0.1 s grid")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="docker",
+                        help="with --image: docker, or podman with the flags docs/efficiency.md gives")
+    parser.add_argument("--network-none", action="store_true", help="with --image: add --network=none")
     parser.add_argument("--official-off-by-one", action="store_true",
                         help="with --gt: crop aorta, IVC and oesophagus as the official script does")
-    parser.add_argument("--no-gpu", action="store_true", help="do not query NVML")
+    parser.add_argument("--no-gpu", action="store_true",
+                        help="do not query NVML; with --image, leave --gpus out of the command")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -554,7 +622,9 @@ def run(args: argparse.Namespace) -> int:
         if args.bundle:
             log.warning("--bundle is ignored with --image: the image carries its model")
         gpu_index = 0 if args.gpu is None else args.gpu  # the device the container gets
-        command: CaseCommand = DockerCommand(args.image, gpu=gpu_index)
+        command: CaseCommand = DockerCommand(args.image, gpu=None if args.no_gpu else gpu_index,
+                                             edition=args.edition, engine=args.engine,
+                                             network_none=args.network_none)
     elif args.command:
         command = LocalCommand.from_string(args.command, bundle=args.bundle, gpu=args.gpu)
     else:
@@ -564,7 +634,8 @@ def run(args: argparse.Namespace) -> int:
         command = LocalCommand(bundle=args.bundle, gpu=args.gpu)
     results = run_cases(
         inputs, args.output, args.report, command, gpu_index=gpu_index, measure_gpu=not args.no_gpu,
-        timeout_s=args.timeout, cpu_formula=args.cpu_formula, gt_dir=args.gt,
+        timeout_s=args.timeout, cpu_formula=args.cpu_formula, schedule=args.schedule, edition=args.edition,
+        gt_dir=args.gt,
         official_crop_off_by_one=args.official_off_by_one,
     )
     bad = [r.case for r in results if r.status != "ok"]

@@ -23,8 +23,10 @@ import datetime as _dt
 import json
 import logging
 import platform
+import os
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from app.bundle import FORMAT, FORMAT_VERSION, load_bundle, sha256_file
 from app.errors import Flare22Error
 from app.labels import CLASS_NAMES
 from app.propagation import PropagationConfig, read_memory
+from app.predict import DEFAULT_MODE, MODES, propagation_option
 from app.windowing import DEFAULT_WINDOWS
 from export.graphs import GRAPHS, Dims, Graph, Stage, count_macs, modules, stcn_channels
 from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
@@ -150,7 +153,53 @@ def print_parity(rows: list[dict], file=sys.stdout) -> None:
 def _load_ckpt(path, kind):
     from training.trainer import load_checkpoint
 
-    return load_checkpoint(path, kind)
+    try:
+        return load_checkpoint(path, kind)  # weights_only: a checkpoint never runs code
+    except FileNotFoundError:
+        raise Flare22Error(f"checkpoint {path}: file does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling refused, damaged file, wrong kind
+        detail = str(exc).strip().splitlines()
+        reason = next((ln.strip() for ln in detail if "Unsupported global" in ln), detail[0] if detail else "")
+        raise Flare22Error(f"checkpoint {path}: cannot be loaded safely ({type(exc).__name__}: {reason[:200]})") from None
+
+
+def _prepare_out(out: Path, force: bool) -> Path | None:
+    """Check that ``out`` may receive a bundle; returns the old manifest's files to remove
+    (``None`` when ``out`` is new or empty). Never deletes anything itself: export writes
+    into a new or empty folder, or replaces an existing bundle (recognised by its manifest,
+    holding nothing but the files it lists) only with ``force``."""
+    if out.is_symlink():
+        raise Flare22Error(f"export: {out} is a symbolic link; give the real folder")
+    if out.exists() and not out.is_dir():
+        raise Flare22Error(f"export: {out} exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        is_bundle = isinstance(manifest, dict) and manifest.get("format") == FORMAT
+    except (OSError, ValueError):
+        is_bundle = False
+    if not is_bundle:
+        raise Flare22Error(f"export: {out} is not empty and holds no model bundle; give a new or empty folder")
+    if not force:
+        raise Flare22Error(f"export: {out} already holds a model bundle; pass --force to replace it")
+    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    own = {"manifest.json", *listed}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in own or not p.is_file() or p.is_symlink())
+    if foreign:
+        raise Flare22Error(f"export: {out} holds files that are not part of its bundle ({', '.join(foreign[:5])});"
+                           " not replaced")
+    return out
+
+
+def _finish_out(tmp: Path, out: Path, replace: Path | None) -> None:
+    """Move the finished bundle from its temporary folder to ``out``."""
+    if replace is not None:
+        for p in list(out.iterdir()):  # only the old bundle's own files (checked by _prepare_out)
+            p.unlink()
+    if out.exists():
+        out.rmdir()  # empty: never removes anything else
+    os.replace(tmp, out)
 
 
 def export_bundle(
@@ -166,12 +215,31 @@ def export_bundle(
     sampling: dict | None = None,
     prop_overrides: dict | None = None,
     quiet: bool = False,
+    force: bool = False,
 ) -> Path:
-    """Export a bundle; random weights for whichever checkpoint is not given."""
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    """Export a bundle; random weights for whichever checkpoint is not given.
+
+    The bundle is built in a fresh temporary folder beside ``out_dir`` and moved into place
+    when complete; ``out_dir`` must be new or empty, or hold a bundle and ``force`` be set."""
+    final = Path(out_dir)
+    replace = _prepare_out(final, force)
+    final.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.export-", dir=final.parent))
+    out.chmod(0o755)  # mkdtemp makes 0700: the image's non-root user must read the bundle
+    try:
+        _export_into(out, final, reference=reference, propagation=propagation, ref_config=ref_config,
+                     stcn_config=stcn_config, seed=seed, fp16=fp16, programs=programs, sampling=sampling,
+                     prop_overrides=prop_overrides, quiet=quiet)
+        _finish_out(out, final, replace)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # our own mkdtemp folder, nothing else
+        raise
+    load_bundle(final)  # the appliance's own validation, once, before anyone relies on it
+    return final
+
+
+def _export_into(out: Path, final: Path, *, reference, propagation, ref_config, stcn_config, seed, fp16, programs, sampling,
+                 prop_overrides, quiet) -> None:
     torch.manual_seed(seed)
     sources = {}
     if reference:
@@ -200,7 +268,7 @@ def export_bundle(
                            f"({STCN_CONFIGS[stcn_config].image_size}) differ in input size")
     a.eval(), b.eval(), net.eval()
     dims = Dims((size, size), stcn_channels(net.cfg))
-    prop = PropagationConfig(top_k=net.cfg.top_k, **(prop_overrides or {}))
+    prop = PropagationConfig(top_k=net.cfg.top_k).with_overrides(prop_overrides or {})
     rng = np.random.default_rng(seed)
     graphs, parity = {}, []
     for name, module in modules(a, b, net).items():
@@ -221,7 +289,7 @@ def export_bundle(
         print_parity(parity)
     failed = [r["graph"] for r in parity if not r["ok"]]
     if failed:
-        raise ParityError(f"export to {out}: parity check failed for {', '.join(failed)}")
+        raise ParityError(f"export to {final}: parity check failed for {', '.join(failed)}")
 
     # the torch backend can rebuild the networks from plain weights when a program is absent
     weights = {"reference_a.safetensors": a.state_dict(), "reference_b.safetensors": b.state_dict(),
@@ -250,8 +318,7 @@ def export_bundle(
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     manifest["files"] = {f: sha256_file(out / f) for f in files}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-    load_bundle(out)  # the appliance's own validation, once, before anyone relies on it
-    return out
+    (out / "manifest.json").chmod(0o644)
 
 
 def base_manifest(hw, prop: PropagationConfig | None = None, sampling: dict | None = None) -> dict:
@@ -282,11 +349,18 @@ def add_arguments(p) -> None:
     p.add_argument("--propagation", help="STCN checkpoint")
     p.add_argument("--random", choices=sorted(REFERENCE_CONFIGS),
                    help="export randomly initialised networks of this config for what is not given")
-    p.add_argument("--out", required=True, help="bundle folder to create (replaced if present)")
+    p.add_argument("--out", required=True,
+                   help="bundle folder to create: new or empty (an existing bundle only with --force)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the bundle already in --out (a folder holding anything else is never touched)")
     p.add_argument("--fp16", action="store_true", help="also write fp16 ONNX graphs for GPUs")
     p.add_argument("--no-programs", action="store_true", help="skip the torch.export programs")
     p.add_argument("--every", type=positive_int, default=5, help="reference candidates: every n-th slice")
     p.add_argument("--max-candidates", type=positive_int, default=64)
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help=f"the pipeline mode the bundle runs by default (manifest sampling.mode; default {DEFAULT_MODE})")
+    p.add_argument("--propagation-option", action="append", default=[], type=propagation_option,
+                   metavar="KEY=VALUE", help="a sampling (every, max) or propagation setting written to the manifest")
     p.add_argument("--seed", type=nonneg_int, default=0)
 
 
@@ -296,9 +370,16 @@ def run(args) -> int:
         print("flare22 export: give --reference and --propagation checkpoints, or --random CONFIG", file=sys.stderr)
         return 2
     cfg = args.random or "tiny"
-    out = export_bundle(args.out, reference=args.reference, propagation=args.propagation, ref_config=cfg,
-                        stcn_config=cfg, seed=args.seed, fp16=args.fp16, programs=not args.no_programs,
-                        sampling={"every": args.every, "max": args.max_candidates})
+    options = dict(args.propagation_option)
+    sampling = {"every": options.pop("every", args.every), "max": options.pop("max", args.max_candidates),
+                "mode": args.mode}
+    try:
+        out = export_bundle(args.out, reference=args.reference, propagation=args.propagation, ref_config=cfg,
+                            stcn_config=cfg, seed=args.seed, fp16=args.fp16, programs=not args.no_programs,
+                            sampling=sampling, prop_overrides=options, force=args.force)
+    except Flare22Error as exc:
+        print(f"flare22 export: {exc}", file=sys.stderr)
+        return 2
     size = bundle_size(out)
     print(f"bundle written to {out}: ONNX {size['onnx_mb']:.1f} MB, all files {size['total_mb']:.1f} MB")
     return 0

@@ -113,7 +113,7 @@ def test_select_largest_area_exact():
 @pytest.fixture(scope="module")
 def phantom_run(phantom_cases, tiny_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom_out")
-    results = predict_folder(phantom_cases, out, tiny_bundle, options(), quiet=True)
+    results = predict_folder(phantom_cases, out, tiny_bundle, options(mode="largest"), quiet=True)
     return out, results
 
 
@@ -134,7 +134,7 @@ def test_phantoms_case_reports(phantom_cases, phantom_run):
     for c in ("Phantom_0001", "Phantom_0002", "Rot_0001"):
         r = json.loads((out / f"{c}.json").read_text())
         assert r["case"] == c and r["ok"] is True and r["error"] is None
-        assert r["mode"] == "propagate" and r["num_slices"] == 24
+        assert r["mode"] == "largest" and r["num_slices"] == 24
         assert r["sampled"] == sample_candidates(24).tolist()
         assert set(map(int, r["references"])) <= set(r["sampled"])
         assert all(1 <= o <= 13 for organs in r["references"].values() for o in organs)

@@ -116,9 +116,16 @@ def save_checkpoint(path: Path, *, kind: str, config, iteration: int, models: di
     os.replace(tmp, path)
 
 
+# What a checkpoint holds beyond tensors and plain containers: numpy's RNG state (an array).
+# Everything else is refused by torch's restricted unpickler: a crafted .pt cannot run code.
+_CHECKPOINT_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> dict:
-    # Checkpoints are the trainers' own files (numpy RNG state inside): trusted by design.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(_CHECKPOINT_GLOBALS):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a checkpoint of this project (a {type(state).__name__})")
     if kind is not None and state.get("kind") != kind:
         raise ValueError(f"{path}: a {state.get('kind')!r} checkpoint, expected {kind!r}")
     return state
