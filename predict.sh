@@ -21,4 +21,8 @@ PYTHONPATH="$home${PYTHONPATH:+:$PYTHONPATH}"
 # competing with it for the same cores slowed small cases several-fold.
 OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 export PYTHONPATH OPENBLAS_NUM_THREADS
-exec "$python" -m app predict -i "$input" -o "$output" --bundle "$bundle" "$@"
+# Not `python -m app`: that puts the current folder first on the module path, so an app/
+# package in whatever folder this runs from would run instead. The appliance beside this
+# script comes first, whatever the current folder.
+exec "$python" -c 'import sys; sys.path[0] = sys.argv.pop(1); from app.cli import main; sys.exit(main())' \
+  "$home" predict -i "$input" -o "$output" --bundle "$bundle" "$@"

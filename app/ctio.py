@@ -125,70 +125,183 @@ def from_canonical(array: np.ndarray, props: CTProperties) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(out, inverse))
 
 
-def _read_image(path: Path) -> sitk.Image:
+MAX_VOXELS = 2**31  # 2 G voxels: eight times a 512 x 512 x 1000 CT
+DEFLATE_MAX_RATIO = 1032  # deflate never expands its input more than this: a bound for .gz / compressed .mha
+
+
+def _itk_reason(exc: RuntimeError) -> str:
+    """ITK's own reason, whole, without the source location and object address."""
+    text = " ".join(str(exc).split())
+    if "ITK ERROR:" in text:
+        text = text.split("ITK ERROR:", 1)[1]
+        head, sep, rest = text.partition("): ")
+        text = rest if sep and "(0x" in head else text
+    elif ": " in text and "Exception thrown" in text:
+        text = text.split(": ", 1)[1]
+    return text.strip()[:200] or "ITK read error"
+
+
+def _open_image(path: Path) -> sitk.ImageFileReader:
+    """A reader with the header read (no voxels allocated yet)."""
     if not path.exists():
         raise InputError(path, "file does not exist")
     if path.is_dir():
         raise InputError(path, "is a folder, not an image file")
+    if not path.is_file():
+        raise InputError(path, "is not a regular file")
     if path.stat().st_size == 0:
         raise InputError(path, "file is empty")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln for ln in first if "ERROR" in ln or "Exception" in ln or "not" in ln), "")
-        raise InputError(path, f"unreadable or truncated image ({detail.strip()[:160] or 'ITK read error'})") from None
+        raise InputError(path, f"unreadable or truncated image ({_itk_reason(exc)})") from None
+    return reader
 
 
-def _check_image(path: Path, img: sitk.Image) -> None:
-    dim = img.GetDimension()
+def _check_header(path: Path, reader: sitk.ImageFileReader) -> None:
+    """Dimensions, components, spacing and the voxel count, before any voxel is allocated."""
+    dim = reader.GetDimension()
     if dim == 2:
         raise InputError(path, "is a 2D image; a 3D CT volume is required")
     if dim != 3:
         raise InputError(path, f"is a {dim}D image; a 3D CT volume is required")
-    if img.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(path, f"has {img.GetNumberOfComponentsPerPixel()} components per voxel; a scalar CT is required")
-    if any(s == 0 for s in img.GetSize()):
-        raise InputError(path, f"has a zero-size axis {img.GetSize()}")
-    if any((not np.isfinite(s)) or s <= 0 for s in img.GetSpacing()):
-        raise InputError(path, f"has invalid spacing {img.GetSpacing()}")
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(path, f"has {reader.GetNumberOfComponents()} components per voxel; a scalar CT is required")
+    size = reader.GetSize()
+    if any(s == 0 for s in size):
+        raise InputError(path, f"has a zero-size axis {size}")
+    if any((not np.isfinite(s)) or s <= 0 for s in reader.GetSpacing()):
+        raise InputError(path, f"has invalid spacing {reader.GetSpacing()} (every spacing must be positive)")
+    if not all(np.isfinite(v) for v in (*reader.GetOrigin(), *reader.GetDirection())):
+        raise InputError(path, "has a non-finite origin or direction")
+    voxels = int(np.prod([int(s) for s in size]))
+    if voxels > MAX_VOXELS:
+        raise InputError(path, f"header claims {'x'.join(map(str, size))} voxels, more than the {MAX_VOXELS} "
+                               "this appliance reads")
 
 
-def _check_complete(path: Path, img: sitk.Image) -> None:
-    """ITK reads a truncated ``.nii.gz`` without complaint (the missing voxels come back as
-    zeros). The gzip trailer holds the uncompressed size mod 2**32: compare it with the
-    header's voxel offset plus the voxel bytes the image needs."""
-    if not path.name.endswith(".nii.gz"):
-        return
-    import gzip
+def _nifti_header(raw: bytes) -> tuple[int, int] | None:
+    """(voxel offset, voxel bytes) from a NIfTI-1 or NIfTI-2 header; None if not NIfTI."""
     import struct
 
+    for endian in "<>":
+        if len(raw) >= 348 and struct.unpack(endian + "i", raw[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", raw[40:56])
+            bitpix = struct.unpack(endian + "h", raw[72:74])[0]
+            offset = struct.unpack(endian + "f", raw[108:112])[0]
+            break
+        if len(raw) >= 540 and struct.unpack(endian + "i", raw[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", raw[16:80])
+            bitpix = struct.unpack(endian + "h", raw[14:16])[0]
+            offset = struct.unpack(endian + "q", raw[168:176])[0]
+            break
+    else:
+        return None
+    n = max(1, min(int(dims[0]), 7))
+    count = int(np.prod([max(1, int(d)) for d in dims[1 : n + 1]], dtype=object))
+    if not np.isfinite(offset) or bitpix <= 0:
+        return None
+    return max(int(offset), 348), count * int(bitpix) // 8
+
+
+def _meta_header(path: Path) -> dict[str, str]:
+    """The key = value lines of a MetaImage header, up to ElementDataFile (its end offset
+    under the key ``_data_offset``)."""
+    fields: dict[str, str] = {}
     with open(path, "rb") as f:
-        f.seek(-4, os.SEEK_END)
-        isize = struct.unpack("<I", f.read(4))[0]
-    with gzip.open(path, "rb") as g:
-        header = g.read(352)
-    if len(header) < 352:
-        raise InputError(path, "truncated NIfTI header")
-    sizeof_hdr = struct.unpack("<i", header[:4])[0]
-    if sizeof_hdr == 348:
-        vox_offset = int(struct.unpack("<f", header[108:112])[0])
-    elif struct.unpack(">i", header[:4])[0] == 348:
-        vox_offset = int(struct.unpack(">f", header[108:112])[0])
-    else:  # NIfTI-2 or something ITK understood on its own terms: nothing to compare
-        return
-    nbytes = img.GetNumberOfPixels() * img.GetNumberOfComponentsPerPixel() * img.GetSizeOfPixelComponent()
-    if (vox_offset + nbytes) % 2**32 != isize:
-        raise InputError(path, "unreadable or truncated image (gzip stream shorter than the header says)")
+        head = f.read(1 << 16)
+    pos = 0
+    for line in head.split(b"\n"):
+        pos += len(line) + 1
+        key, sep, value = line.decode("latin-1").partition("=")
+        if not sep:
+            continue
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            fields["_data_offset"] = str(pos)
+            break
+    return fields
+
+
+def _check_size(path: Path, reader: sitk.ImageFileReader) -> None:
+    """The file must hold the voxel bytes its header claims (compressed: could hold them),
+    checked against the file's size before anything is allocated."""
+    name = path.name.lower()
+    size = path.stat().st_size
+    truncated = "unreadable or truncated image (the header claims %d voxel bytes; the file holds %d)"
+    if name.endswith(".nii"):
+        with open(path, "rb") as f:
+            hdr = _nifti_header(f.read(540))
+        if hdr is not None and size < hdr[0] + hdr[1]:
+            raise InputError(path, truncated % (hdr[1], max(0, size - hdr[0])))
+    elif name.endswith(".nii.gz"):
+        import gzip
+        import struct
+        import zlib
+
+        try:
+            with gzip.open(path, "rb") as g:
+                hdr = _nifti_header(g.read(540))
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputError(path, f"unreadable or truncated image ({exc})") from None
+        if hdr is None:
+            return
+        need = hdr[0] + hdr[1]
+        if need > DEFLATE_MAX_RATIO * size + 4096:
+            raise InputError(path, f"unreadable or truncated image (the header claims {hdr[1]} voxel bytes; "
+                                   f"{size} compressed bytes cannot hold them)")
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            isize = struct.unpack("<I", f.read(4))[0]
+        if need % 2**32 != isize:  # the gzip trailer: uncompressed size mod 2**32
+            raise InputError(path, "unreadable or truncated image (gzip stream shorter than the header says)")
+    elif name.endswith((".mha", ".mhd")):
+        meta = _meta_header(path)
+        need = _voxel_bytes(reader)
+        where = meta.get("ElementDataFile", "LOCAL")
+        if where == "LOCAL":
+            data_bytes = size - int(meta.get("_data_offset", size))
+        else:
+            data = (path.parent / where) if not os.path.isabs(where) else Path(where)
+            if not data.is_file():
+                raise InputError(path, f"its data file {where} is not a regular file")
+            data_bytes = data.stat().st_size
+        if meta.get("CompressedData", "False").lower() == "true":
+            stated = meta.get("CompressedDataSize", "")
+            if stated.isdigit() and data_bytes < int(stated):
+                raise InputError(path, f"unreadable or truncated image (the header claims {stated} compressed "
+                                       f"bytes; the file holds {max(0, data_bytes)})")
+            if need > DEFLATE_MAX_RATIO * data_bytes + 4096:
+                raise InputError(path, f"unreadable or truncated image (the header claims {need} voxel bytes; "
+                                       f"{data_bytes} compressed bytes cannot hold them)")
+        elif data_bytes < need:
+            raise InputError(path, truncated % (need, max(0, data_bytes)))
+
+
+def _voxel_bytes(reader: sitk.ImageFileReader) -> int:
+    one = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+    count = int(np.prod([int(s) for s in reader.GetSize()]))
+    return count * reader.GetNumberOfComponents() * one.GetSizeOfPixelComponent()
+
+
+def _read_image(path: Path) -> sitk.Image:
+    """Header first (dimensions, spacing, voxel count, file size), then the voxels."""
+    reader = _open_image(path)
+    _check_header(path, reader)
+    _check_size(path, reader)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(path, f"unreadable or truncated image ({_itk_reason(exc)})") from None
 
 
 def read_ct(path: str | os.PathLike, *, label: bool = False) -> tuple[np.ndarray, CTProperties]:
     """Read a 3D CT (or, with ``label=True``, a label map) into the canonical orientation."""
     path = Path(path)
     img = _read_image(path)
-    _check_image(path, img)
     src_axes, flips, oblique = _canonical_mapping(img.GetDirection())
-    _check_complete(path, img)
     array = sitk.GetArrayFromImage(img)
     nonfinite = 0
     if label:
@@ -268,35 +381,50 @@ def labels_to_image(labels: np.ndarray, props: CTProperties) -> sitk.Image:
     return img
 
 
-def atomic_write_image(img: sitk.Image, out_path: str | os.PathLike, *, compress: bool = True) -> Path:
-    """Write an image to a temporary name beside ``out_path`` and rename it into place."""
+OUTPUT_MODE = 0o644  # every output (labels, maps, reports) readable by whoever reads the outputs
+
+
+def atomic_write_image(img: sitk.Image, out_path: str | os.PathLike, *, compress: bool = True,
+                       tmp_dir: str | os.PathLike | None = None) -> Path:
+    """Write an image under a temporary name and rename it into place (a reader never sees
+    half a file; an existing file or link at ``out_path`` is replaced, never written through).
+
+    The temporary lies in ``tmp_dir`` (a private folder of the caller on the same file
+    system) or else in a fresh private folder made beside ``out_path``: nobody else can
+    plant a link under its name."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(out_path.suffixes[-2:]) if out_path.name.endswith(".nii.gz") else out_path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=f".part{suffix}", dir=out_path.parent)
+    own_dir = None if tmp_dir is not None else tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+    fd, tmp = tempfile.mkstemp(prefix="part.", suffix=suffix, dir=tmp_dir if tmp_dir is not None else own_dir)
     os.close(fd)
     try:
         sitk.WriteImage(img, tmp, useCompression=compress)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600: readable by whoever reads the outputs
+        os.chmod(tmp, OUTPUT_MODE)  # mkstemp makes 0600
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        if own_dir is not None:
+            os.rmdir(own_dir)
     return out_path
 
 
-def write_labels(labels: np.ndarray, props: CTProperties, out_path: str | os.PathLike) -> Path:
+def write_labels(labels: np.ndarray, props: CTProperties, out_path: str | os.PathLike, *,
+                 tmp_dir: str | os.PathLike | None = None) -> Path:
     """Write a canonical (z, y, x) label array onto exactly the input's grid, atomically."""
     img = labels_to_image(labels, props)
     for name, want in (("spacing", props.spacing), ("origin", props.origin), ("direction", props.direction)):
         got = getattr(img, f"Get{name.capitalize()}")()
         if tuple(got) != tuple(want):
             raise GeometryError(f"{props.path}: output {name} {got} != input {want}")
-    return atomic_write_image(img, out_path)
+    return atomic_write_image(img, out_path, tmp_dir=tmp_dir)
 
 
-def write_map(values: np.ndarray, props: CTProperties, out_path: str | os.PathLike) -> Path:
+def write_map(values: np.ndarray, props: CTProperties, out_path: str | os.PathLike, *,
+              tmp_dir: str | os.PathLike | None = None) -> Path:
     """Write a canonical (z, y, x) float map (e.g. uncertainty) onto the input's grid."""
     values = np.asarray(values, dtype=np.float32)
     if values.shape != props.shape_zyx:
@@ -305,7 +433,7 @@ def write_map(values: np.ndarray, props: CTProperties, out_path: str | os.PathLi
     img.SetSpacing(props.spacing)
     img.SetOrigin(props.origin)
     img.SetDirection(props.direction)
-    return atomic_write_image(img, out_path)
+    return atomic_write_image(img, out_path, tmp_dir=tmp_dir)
 
 
 def case_name(path: str | os.PathLike) -> str:

@@ -7,9 +7,10 @@ argmax -> the input's exact grid, written atomically. A per-case JSON report rec
 slices sampled, the references chosen, stage timings and the providers that ran.
 
 Reading the next case overlaps with computing the current one (a bounded queue), writing
-happens in a background thread, one bad case never stops the others, and nothing
-half-written is left in the output folder (temporary names are hidden and removed on
-start and on SIGTERM).
+happens in a background thread, one bad case never stops the others. Outputs are written
+only inside the output (and report) folder, through the run's private temporaries
+(app.outputs); clashes between inputs and outputs are refused before the first case, and
+Ctrl-C / SIGTERM end the run cleanly.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ import numpy as np
 from .argtypes import positive_int, probability
 from .backends import DEVICES, EXTRA_BACKENDS, load_backends
 from .bundle import Bundle, load_bundle
-from .ctio import CTProperties, case_name, list_cases, read_ct, write_labels, write_map
+from .ctio import CTProperties, case_name, read_ct, write_labels, write_map
 from .errors import BundleError, Flare22Error
+from .outputs import OutputFolder, hidden_cases, plan_outputs
 from .propagation import PUBLISHED, PropagationConfig, PropagationEngine, normalised_entropy, organ_distribution
 from .resize import argmax_resized, resize_stack
 from .windowing import window_slices
@@ -388,20 +390,18 @@ def combine_agreement(parts: list[dict]) -> dict:
 # folder runner
 
 
-_TEMP_GLOB = ".*.part.*"
-
-
-def _clean_temporaries(out_dir: Path) -> None:
-    for p in out_dir.glob(_TEMP_GLOB):
-        try:
-            p.unlink()
-        except OSError:
-            pass
-
-
 def _is_oom(exc: BaseException) -> bool:
     msg = str(exc).lower()
     return any(s in msg for s in ("out of memory", "failed to allocate", "cudnn_status_alloc", "bad_alloc"))
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM: the run stops cleanly (whole outputs kept, its temporaries removed).
+    Not an Exception: the per-case ``except Exception`` must not swallow it."""
+
+    def __init__(self, signum: int, done: int = 0, total: int = 0):
+        self.signum, self.done, self.total = signum, done, total
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
 @dataclass
@@ -422,35 +422,51 @@ def predict_folder(
     quiet: bool = False,
     review_threshold: float = 0.8,
 ) -> list[CaseResult]:
-    """Segment every case; raises Flare22Error only for problems that stop every case."""
+    """Segment every case; raises Flare22Error only for problems that stop every case (all
+    of them found before the first case runs), Interrupted on Ctrl-C / SIGTERM."""
     options = options or PredictOptions()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise Flare22Error(f"input folder {input_dir} does not exist")
     bundle = load_bundle(bundle_path)
-    probe = output_dir / f".flare22-write-test-{os.getpid()}"
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise Flare22Error(f"output folder {output_dir} cannot be written ({exc.strerror})") from None
-    _clean_temporaries(output_dir)
     report_dir = Path(report_dir) if report_dir else output_dir
-    report_dir.mkdir(parents=True, exist_ok=True)
-    cases = list_cases(input_dir)
-    if not cases:
-        log.warning("no *_0000.nii.gz / .nii / .mha cases in %s: nothing to do", input_dir)
-        return []
+    protected = [bundle.path / "manifest.json", *(bundle.path / f for f in bundle.manifest["files"])]
+    cases = plan_outputs(input_dir, output_dir, report_dir, uncertainty=options.uncertainty, protected=protected)
+    for name in hidden_cases(input_dir):
+        log.warning("skipping %s: a name starting with '.' is not a case", input_dir / name)
+    folders: list[OutputFolder] = []
+    try:
+        out = OutputFolder(output_dir)
+        folders.append(out)
+        rep = out if os.path.realpath(report_dir) == os.path.realpath(output_dir) else OutputFolder(report_dir, "report folder")
+        folders.append(rep)
+        if not cases:
+            log.warning("no *_0000.nii.gz / .nii / .mha cases in %s: nothing to do", input_dir)
+            return []
+        try:
+            predictor = Predictor(bundle, options)
+        except Flare22Error:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing a graph: one line, naming the bundle
+            detail = " ".join(str(exc).split())[:240]
+            raise BundleError(bundle.path, f"its graphs cannot be loaded ({type(exc).__name__}: {detail})") from None
+        log.info("bundle %s; backend %s; providers %s", bundle.path, predictor.info["backend"], predictor.info["providers"])
+        return _run_cases(predictor, cases, out, rep, quiet, review_threshold)
+    finally:
+        for f in folders:
+            f.close()
 
-    predictor = Predictor(bundle, options)
-    log.info("bundle %s; backend %s; providers %s", bundle.path, predictor.info["backend"], predictor.info["providers"])
 
+def _run_cases(predictor: Predictor, cases: list[Path], out: OutputFolder, rep: OutputFolder, quiet: bool,
+               review_threshold: float) -> list[CaseResult]:
     # reader thread: the next case is read while the current one computes
     q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
 
     def reader():
         for path in cases:
+            if stop.is_set():
+                break
             t0 = time.perf_counter()
             try:
                 item = read_ct(path)
@@ -463,51 +479,57 @@ def predict_folder(
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flare22-writer")
     pending: list[tuple[str, Future, CaseResult]] = []
     results: list[CaseResult] = []
+    total = len(cases)
 
-    previous = signal.getsignal(signal.SIGTERM)
+    def on_signal(signum, frame):  # pragma: no cover - exercised by a subprocess test
+        raise Interrupted(signum)
 
-    def on_term(signum, frame):  # pragma: no cover - exercised by a subprocess test
-        _clean_temporaries(output_dir)
-        sys.exit(128 + signum)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_term)
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    for s in previous:
+        signal.signal(s, on_signal)
     try:
-        i = 0
         while (item := q.get()) is not None:
-            i += 1
             path, loaded, error, read_s = item
             name = case_name(path)
             t0 = time.perf_counter() - read_s
             if error is not None:
+                _drain(pending, results, rep, quiet, total, wait=True)  # keep the counter in order
                 res = CaseResult(name, False, time.perf_counter() - t0, f"{type(error).__name__}: {error}")
-                _finish(res, report_dir, quiet, i, len(cases))
+                _finish(res, rep, quiet, len(results) + 1, total)
                 results.append(res)
                 continue
             volume, props = loaded
             try:
                 labels, report = _predict_with_fallback(predictor, volume)
             except Exception as exc:  # noqa: BLE001 - one bad case never stops the others
-                log.exception("case %s failed", name)
+                log.debug("case %s failed", name, exc_info=True)
+                _drain(pending, results, rep, quiet, total, wait=True)
                 res = CaseResult(name, False, time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
-                _finish(res, report_dir, quiet, i, len(cases))
+                _finish(res, rep, quiet, len(results) + 1, total)
                 results.append(res)
                 continue
             report.update(case=name, input=str(path), timings={"read": read_s, **report["timings"]},
                           backend=predictor.info, geometry=props.to_json())
             umap = report.pop("uncertainty_map", None)
             res = CaseResult(name, True, 0.0, report=report)
-            fut = writer.submit(_write_case, labels, props, output_dir / f"{name}.nii.gz",
-                                umap, report_dir / f"{name}_uncertainty.nii.gz")
+            fut = writer.submit(_write_case, labels, props, out, f"{name}.nii.gz", umap, rep,
+                                f"{name}_uncertainty.nii.gz")
             pending.append((name, fut, res))
             res.seconds = time.perf_counter() - t0
-            _drain(pending, results, report_dir, quiet, len(cases), wait=False)
-        _drain(pending, results, report_dir, quiet, len(cases), wait=True)
-        write_review(results, report_dir, review_threshold)
+            _drain(pending, results, rep, quiet, total, wait=False)
+        _drain(pending, results, rep, quiet, total, wait=True)
+        write_review(results, rep, review_threshold)
+    except KeyboardInterrupt:
+        raise Interrupted(signal.SIGINT, len(results), total) from None
+    except Interrupted as exc:
+        exc.done, exc.total = len(results), total
+        raise
     finally:
-        writer.shutdown(wait=True)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+        stop.set()
+        writer.shutdown(wait=True, cancel_futures=True)
+        for s, h in previous.items():
+            signal.signal(s, h)
     return results
 
 
@@ -529,15 +551,16 @@ def _predict_with_fallback(predictor: Predictor, volume: np.ndarray):
                 raise
 
 
-def _write_case(labels: np.ndarray, props: CTProperties, out: Path, umap=None, umap_path: Path | None = None) -> float:
+def _write_case(labels: np.ndarray, props: CTProperties, out: OutputFolder, name: str, umap=None,
+                rep: OutputFolder | None = None, umap_name: str | None = None) -> float:
     t0 = time.perf_counter()
-    write_labels(labels, props, out)
+    write_labels(labels, props, out.folder / name, tmp_dir=out.private)
     if umap is not None:
-        write_map(umap, props, umap_path)
+        write_map(umap, props, rep.folder / umap_name, tmp_dir=rep.private)
     return time.perf_counter() - t0
 
 
-def write_review(results: list[CaseResult], report_dir: Path, threshold: float) -> Path | None:
+def write_review(results: list[CaseResult], rep: OutputFolder, threshold: float) -> Path | None:
     """review.csv: cases by ascending member agreement, those below ``threshold`` flagged,
     so that a person looks at the weakest cases first."""
     rows = []
@@ -552,17 +575,11 @@ def write_review(results: list[CaseResult], report_dir: Path, threshold: float) 
     if not rows:
         return None
     rows.sort()
-    path = report_dir / "review.csv"
-    tmp = report_dir / ".review.csv.part.tmp"
-    with open(tmp, "w") as f:
-        f.write("case,quality,flag,weakest_organ\n")
-        for _, case, q, flag, worst in rows:
-            f.write(f"{case},{q},{flag},{worst}\n")
-    os.replace(tmp, path)
-    return path
+    lines = ["case,quality,flag,weakest_organ"] + [f"{case},{q},{flag},{worst}" for _, case, q, flag, worst in rows]
+    return rep.write_text("review.csv", "\n".join(lines) + "\n")
 
 
-def _drain(pending, results, report_dir, quiet, total, wait: bool) -> None:
+def _drain(pending, results, rep: OutputFolder, quiet, total, wait: bool) -> None:
     while pending and (wait or pending[0][1].done()):
         name, fut, res = pending.pop(0)
         try:
@@ -571,17 +588,15 @@ def _drain(pending, results, report_dir, quiet, total, wait: bool) -> None:
             res.seconds += write_s
         except Exception as exc:  # noqa: BLE001
             res.ok, res.error = False, f"{type(exc).__name__}: {exc}"
-        _finish(res, report_dir, quiet, len(results) + 1, total)
+        _finish(res, rep, quiet, len(results) + 1, total)
         results.append(res)
 
 
-def _finish(res: CaseResult, report_dir: Path, quiet: bool, i: int, total: int) -> None:
+def _finish(res: CaseResult, rep: OutputFolder, quiet: bool, i: int, total: int) -> None:
     record = {"case": res.case, "ok": res.ok, "seconds": round(res.seconds, 3), "error": res.error}
     if res.report:
         record.update({k: v for k, v in res.report.items() if k not in record})
-    tmp = report_dir / f".{res.case}.json.part.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=_json_default))
-    os.replace(tmp, report_dir / f"{res.case}.json")
+    rep.write_text(f"{res.case}.json", json.dumps(record, indent=1, default=_json_default))
     if quiet:
         return
     if res.ok:
@@ -656,6 +671,10 @@ def run(args) -> int:
     try:
         results = predict_folder(args.input, args.output, args.bundle, opts, args.report_dir, args.quiet,
                                  args.review_threshold)
+    except Interrupted as exc:
+        print(f"flare22 predict: {exc}; {exc.done} of {exc.total} cases written to {args.output}"
+              " (whole files only)", file=sys.stderr)
+        return 128 + exc.signum
     except (BundleError, Flare22Error) as exc:
         print(f"flare22 predict: {exc}", file=sys.stderr)
         return 2

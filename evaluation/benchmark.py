@@ -36,7 +36,7 @@ from app.argtypes import nonneg_int, positive_int
 from app.bundle import Bundle, load_bundle
 from app.ctio import read_ct, write_labels
 from .efficiency import ResourceMonitor
-from app.predict import PredictOptions, Predictor
+from app.predict import MODES, PredictOptions, Predictor
 from app.propagation import PUBLISHED
 
 log = logging.getLogger("flare22")
@@ -48,22 +48,32 @@ def _phantom(n: int, hw: int, seed: int):
     return generate(seed, (n, hw, hw))
 
 
-def _macs(bundle: Bundle, name: str) -> float:
-    return float(bundle.graph(name).get("cost", {}).get("macs", 0.0))
+COST_GRAPHS = ("reference", "stcn_key", "stcn_skip", "stcn_value", "stcn_decode")
 
 
-def cost_model(bundle: Bundle, report: dict, num_slices: int) -> dict:
-    """Counted multiply-adds per stage (GMAC) for one pipeline run."""
+def graph_macs(bundle: Bundle) -> dict[str, float]:
+    """Multiply-adds per unit of each graph, as counted at export (the manifest's ``cost``)."""
+    return {name: float(bundle.graph(name).get("cost", {}).get("macs", 0.0)) for name in COST_GRAPHS}
+
+
+def cost_model(bundle: Bundle | dict, report: dict, num_slices: int, cell_scale: float = 1.0) -> dict:
+    """Counted multiply-adds per stage (GMAC) of one pipeline run, any mode: the pair's calls
+    times its per-slice count, STCN's key encodes times theirs, and the skip / value / decode
+    cells the engine reports times their per-cell counts. ``bundle`` may be a
+    :func:`graph_macs` dict of another configuration; ``cell_scale`` then scales the run's
+    cells to that configuration's key grid (16 for tiny's 8 x 8 -> paper's 32 x 32)."""
+    macs = graph_macs(bundle) if isinstance(bundle, Bundle) else bundle
     g = {}
     if report["mode"] == "dense":
-        g["reference"] = _macs(bundle, "reference") * num_slices
+        g["reference"] = macs["reference"] * num_slices
     else:
-        g["reference"] = _macs(bundle, "reference") * len(report.get("sampled", []))
+        g["reference"] = macs["reference"] * len(report.get("sampled", []))
         st = report.get("propagation", {})
-        g["key_encode"] = _macs(bundle, "stcn_key") * st.get("key_encodes", 0)
-        g["skip"] = _macs(bundle, "stcn_skip") * st.get("skip_cells", 0)
-        g["value_encode"] = _macs(bundle, "stcn_value") * st.get("value_cells", 0)
-        g["decode"] = _macs(bundle, "stcn_decode") * st.get("decoded_cells", 0)
+        if st:
+            g["key_encode"] = macs["stcn_key"] * st.get("key_encodes", 0)
+            g["skip"] = macs["stcn_skip"] * st.get("skip_cells", 0) * cell_scale
+            g["value_encode"] = macs["stcn_value"] * st.get("value_cells", 0) * cell_scale
+            g["decode"] = macs["stcn_decode"] * st.get("decoded_cells", 0) * cell_scale
     return {k: v / 1e9 for k, v in g.items()}
 
 
@@ -95,9 +105,9 @@ def run_once(predictor: Predictor, path: Path, out_dir: Path) -> dict:
 
 def _variants(args) -> list[tuple[str, PredictOptions]]:
     base = dict(batch=args.batch, device="cpu", threads=args.threads)
-    v = [("full", PredictOptions(mode="propagate", **base)), ("dense", PredictOptions(mode="dense", **base))]
+    v = [("full", PredictOptions(mode=args.mode, **base)), ("dense", PredictOptions(mode="dense", **base))]
     if args.torch:
-        v.append(("full-torch", PredictOptions(mode="propagate", backend="torch", **base)))
+        v.append(("full-torch", PredictOptions(mode=args.mode, backend="torch", **base)))
         v.append(("dense-torch", PredictOptions(mode="dense", backend="torch", **base)))
     return v
 
@@ -138,7 +148,7 @@ def benchmark(bundle: Bundle, sizes, out_dir: Path, args) -> dict:
                 log.info("N=%d %-12s %7.1f s", n, name, r["seconds"])
             if args.ablation and n == sizes[0]:
                 for label, overrides in _ablation():
-                    pred = Predictor(bundle, PredictOptions(mode="propagate", batch=args.batch, device="cpu",
+                    pred = Predictor(bundle, PredictOptions(mode="largest", batch=args.batch, device="cpu",
                                                             threads=args.threads, propagation=overrides))
                     r = run_once(pred, path, tmp)
                     r.update(variant=f"ablation: {label}", num_slices=n, gmac=cost_model(bundle, r["report"], n))
@@ -213,6 +223,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="bench/out/benchmark", help="folder for benchmark.md / benchmark.json")
     p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads")
     p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="the mode of the \"full\" variant (default: the bundle's); bench/mode_table.py compares them all")
     p.add_argument("--torch", action="store_true", help="also run the torch (eager) backend")
     p.add_argument("--ablation", action="store_true", help="published propagation and each cost switch (smallest N)")
     p.add_argument("--seed", type=nonneg_int, default=7)

@@ -166,6 +166,277 @@ def export_crafted_checkpoint(s: Scene) -> Expect:
 
 
 # ---------------------------------------------------------------------------------------
+# 2: truncated inputs of every format fail their case by name; the others are written
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 + 200])
+
+
+def _write_as(src: Path, dst: Path, compress: bool = False) -> None:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.ReadImage(str(src)), str(dst), useCompression=compress)
+
+
+def truncated_input(suffix: str, compress: bool = False):
+    def prepare(s: Scene) -> Expect:
+        inp = s.input_folder("Good_0000.nii.gz")
+        bad = inp / f"Half_0000{suffix}"
+        _write_as(s.cases / "Phantom_0002_0000.nii.gz", bad, compress)
+        _truncate(bad)
+        out = s.root / "out"
+
+        def check(o, e):
+            assert "1 of 2 cases written" in o and "FAILED: Half" in o
+            assert sorted(p.name for p in out.iterdir()) == ["Good.json", "Good.nii.gz", "Half.json", "review.csv"]
+            assert "truncated" in json.loads((out / "Half.json").read_text())["error"]
+
+        return Expect(["predict", "-i", inp, "-o", out, "--bundle", s.bundle, "--threads", "1"], 1,
+                      "Half: FAILED", check)
+
+    return prepare
+
+
+def header_claims_huge_volume(s: Scene) -> Expect:
+    """1024^3 int16 claimed by an 80-byte .mha: refused from its size, nothing allocated."""
+    inp = s.root / "in"
+    inp.mkdir()
+    (inp / "Big_0000.mha").write_text("ObjectType = Image\nNDims = 3\nDimSize = 1024 1024 1024\n"
+                                      "ElementType = MET_SHORT\nElementDataFile = LOCAL\n")
+    (inp / "Huge_0000.mha").write_text("ObjectType = Image\nNDims = 3\nDimSize = 4096 4096 4096\n"
+                                       "ElementType = MET_SHORT\nElementDataFile = LOCAL\n")
+    spacing = inp / "Zero_0000.mha"
+    _write_as(s.cases / "Phantom_0001_0000.nii.gz", spacing)
+    spacing.write_bytes(spacing.read_bytes().replace(b"ElementSpacing = ", b"ElementSpacing = 0 ", 1)
+                        .replace(b"ElementSpacing = 0 ", b"ElementSpacing = 0 0 0 #", 1))
+    out = s.root / "out"
+
+    def check(o, e):
+        errors = {c: json.loads((out / f"{c}.json").read_text())["error"] for c in ("Big", "Huge", "Zero")}
+        assert "claims 2147483648 voxel bytes; the file holds 0" in errors["Big"]
+        assert "4096x4096x4096 voxels, more than" in errors["Huge"]
+        assert "invalid spacing" in errors["Zero"]
+        assert [ln for ln in e.splitlines() if ln.startswith("[")] and "[1/3]" in e and "[3/3]" in e
+
+    return Expect(["predict", "-i", inp, "-o", out, "--bundle", s.bundle, "--threads", "1"], 1, "Big: FAILED",
+                  check, subprocess=True)
+
+
+# ---------------------------------------------------------------------------------------
+# 3, 8: the bundle is a sealed box, checked against its schema before any case runs
+
+
+def _edit(bundle: Path, fn) -> None:
+    m = json.loads((bundle / "manifest.json").read_text())
+    fn(m)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def _rehash(bundle: Path, rel: str) -> None:
+    import hashlib
+
+    digest = hashlib.sha256((bundle / rel).read_bytes()).hexdigest()
+    _edit(bundle, lambda m: m["files"].__setitem__(rel, digest))
+
+
+def bad_bundle(damage: Callable[[Path, Scene], None], message: str):
+    """predict with a damaged copy of the bundle: exit 2, one line naming it, no case run."""
+
+    def prepare(s: Scene) -> Expect:
+        b = s.copy_bundle()
+        damage(b, s)
+        inp = s.input_folder("Good_0000.nii.gz")
+        out = s.root / "out"
+
+        def check(o, e):
+            assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
+            assert "[1/" not in o + e
+
+        return Expect(["predict", "-i", inp, "-o", out, "--bundle", b], 2, message, check)
+
+    return prepare
+
+
+def _outside_copy(b: Path, s: Scene) -> Path:
+    other = s.root / "elsewhere"
+    other.mkdir(exist_ok=True)
+    shutil.copy(b / "reference.onnx", other / "reference.onnx")
+    return other / "reference.onnx"
+
+
+def _files_entry(rel: str, digest_of: Path | None = None):
+    def damage(b: Path, s: Scene) -> None:
+        import hashlib
+
+        digest = hashlib.sha256(digest_of.read_bytes()).hexdigest() if digest_of else "0" * 64
+        _edit(b, lambda m: m["files"].__setitem__(rel, digest))
+
+    return damage
+
+
+def _graph_outside(b: Path, s: Scene) -> None:
+    target = _outside_copy(b, s)
+    rel = os.path.relpath(target, b)
+
+    def fn(m):
+        m["graphs"]["reference"]["onnx"] = rel
+        m["files"][rel] = m["files"]["reference.onnx"]
+
+    _edit(b, fn)
+
+
+def _symlink_leaving(b: Path, s: Scene) -> None:
+    target = _outside_copy(b, s)
+    (b / "reference.onnx").unlink()
+    os.symlink(target, b / "reference.onnx")
+
+
+def _dev_zero(b: Path, s: Scene) -> None:
+    os.symlink("/dev/zero", b / "zero.bin")
+    _edit(b, lambda m: m["files"].__setitem__("zero.bin", "0" * 64))
+
+
+def _external_data(b: Path, s: Scene) -> None:
+    import onnx
+
+    model = onnx.load(str(b / "stcn_key.onnx"))
+    (b / "stcn_key.onnx").unlink()
+    onnx.save_model(model, str(b / "stcn_key.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="stcn_key.weights", size_threshold=0)
+    for rel in ("stcn_key.onnx", "stcn_key.weights"):
+        _rehash(b, rel)
+
+
+def _swapped_graph(b: Path, s: Scene) -> None:
+    (b / "stcn_skip.onnx").unlink()
+    shutil.copy(b / "stcn_key.onnx", b / "stcn_skip.onnx")
+    _rehash(b, "stcn_skip.onnx")
+
+
+def _not_onnx(b: Path, s: Scene) -> None:
+    (b / "stcn_skip.onnx").unlink()
+    (b / "stcn_skip.onnx").write_bytes(os.urandom(4096))
+    _rehash(b, "stcn_skip.onnx")
+
+
+def _manifest(fn):
+    return lambda b, s: _edit(b, fn)
+
+
+def _set(path: str, value):
+    def fn(m):
+        *head, last = path.split(".")
+        d = m
+        for k in head:
+            d = d[k]
+        d[last] = value
+
+    return _manifest(fn)
+
+
+# ---------------------------------------------------------------------------------------
+# 4, 5: writes stay inside the output folder, through private temporaries; clashes refused
+
+
+def planted_links(s: Scene) -> Expect:
+    """Links planted under every name the old code used (and under the outputs' own names)
+    point at a victim file outside: nothing is written through them; a live run's private
+    folder and someone's hidden file survive."""
+    from app.outputs import OutputFolder
+
+    inp = s.input_folder("Good_0000.nii.gz")
+    out = s.root / "out"
+    out.mkdir()
+    victim = s.root / "victim.txt"
+    victim.write_text("precious")
+    for name in (".Good.json.part.tmp", ".review.csv.part.tmp", "Good.json", "review.csv", "Good.nii.gz"):
+        os.symlink(victim, out / name)
+    (out / ".other.json.part.tmp").write_text("another run's")
+    live = OutputFolder(out)  # another run, alive (its lock held) while this one runs
+    (live.private / "part.inflight").write_text("in flight")
+
+    def check(o, e):
+        try:
+            assert victim.read_text() == "precious"
+            for name in ("Good.json", "review.csv", "Good.nii.gz"):
+                assert not (out / name).is_symlink() and (out / name).is_file(), name
+            assert (out / ".other.json.part.tmp").read_text() == "another run's"
+            assert (live.private / "part.inflight").read_text() == "in flight"
+            runs = [p for p in out.iterdir() if p.name.startswith(".flare22-run.")]
+            assert runs == [live.private]
+        finally:
+            live.close()
+        assert not live.private.exists()
+
+    return Expect(["predict", "-i", inp, "-o", out, "--bundle", s.bundle, "--threads", "1"], 0, None, check)
+
+
+def outputs_mode_under_umask(s: Scene) -> Expect:
+    inp = s.input_folder("Good_0000.nii.gz")
+    out = s.root / "out"
+
+    def check(o, e):
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+        assert modes == {"Good.nii.gz": "0o644", "Good.json": "0o644", "review.csv": "0o644"}, modes
+
+    return Expect(["sh", "-c", f'umask 077 && exec "$0" -m flare22 predict -i {inp} -o {out} --bundle {s.bundle}'
+                   " --threads 1 --quiet", PY], 0, None, check, subprocess=True)
+
+
+def duplicate_case_names(s: Scene) -> Expect:
+    inp = s.input_folder("dup_0000.nii.gz", "Other_0000.nii.gz")
+    _write_as(inp / "dup_0000.nii.gz", inp / "dup_0000.mha")
+    out = s.root / "out"
+    return Expect(["predict", "-i", inp, "-o", out, "--bundle", s.bundle], 2,
+                  "dup_0000.mha, dup_0000.nii.gz are all case 'dup'",
+                  lambda o, e: not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
+                  or pytest.fail("something was written"))
+
+
+def uncertainty_name_clash(s: Scene) -> Expect:
+    inp = s.input_folder("A_0000.nii.gz", "A_uncertainty_0000.nii.gz")
+    return Expect(["predict", "-i", inp, "-o", s.root / "out", "--bundle", s.bundle, "--uncertainty"], 2,
+                  "case 'A''s uncertainty map and case 'A_uncertainty''s labels would both be")
+
+
+def output_onto_input(s: Scene) -> Expect:
+    inp = s.input_folder("B_0000.nii.gz", "B_0000_0000.nii.gz")
+    before = (inp / "B_0000.nii.gz").read_bytes()
+
+    def check(o, e):
+        assert (inp / "B_0000.nii.gz").read_bytes() == before
+        assert sorted(p.name for p in inp.iterdir()) == ["B_0000.nii.gz", "B_0000_0000.nii.gz"]
+
+    return Expect(["predict", "-i", inp, "-o", inp, "--bundle", s.bundle], 2,
+                  f"case 'B_0000''s labels would overwrite the input {inp / 'B_0000.nii.gz'}", check)
+
+
+# ---------------------------------------------------------------------------------------
+# 7: predict.sh runs the appliance beside it, whatever the current folder
+
+
+def predict_sh_from_folder_with_app(s: Scene) -> Expect:
+    evil = s.root / "cwd"
+    (evil / "app").mkdir(parents=True)
+    marker = s.root / "ran-the-wrong-app"
+    for mod in ("__init__.py", "__main__.py", "cli.py"):
+        (evil / "app" / mod).write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    inp = s.input_folder("Good_0000.nii.gz")
+    out = s.root / "out"
+
+    def check(o, e):
+        assert not marker.exists(), "predict.sh ran the app/ of the current folder"
+        assert (out / "Good.nii.gz").is_file()
+
+    env = {"FLARE22_INPUT": str(inp), "FLARE22_OUTPUT": str(out), "FLARE22_BUNDLE": str(s.bundle),
+           "FLARE22_PYTHON": PY}
+    return Expect(["sh", REPO / "predict.sh", "--threads", "1", "--quiet"], 0, None, check, subprocess=True,
+                  env=env, cwd=evil)
+
+
+# ---------------------------------------------------------------------------------------
 # the table: (issue item, name, scene -> expectation)
 
 ROWS: list[tuple[int, str, Callable[[Scene], Expect]]] = [
@@ -173,7 +444,40 @@ ROWS: list[tuple[int, str, Callable[[Scene], Expect]]] = [
     (1, "export over a bundle without --force", export_over_bundle_without_force),
     (1, "export --force over a bundle holding a foreign file", export_force_over_bundle_with_foreign_file),
     (1, "export --out naming a regular file", export_out_is_a_file),
+    (2, "truncated raw .nii", truncated_input(".nii")),
+    (2, "truncated .nii.gz", truncated_input(".nii.gz", compress=True)),
+    (2, "truncated raw .mha", truncated_input(".mha")),
+    (2, "truncated compressed .mha", truncated_input(".mha", compress=True)),
+    (3, "files entry ../../x", bad_bundle(_files_entry("../../x"), "files['../../x']: must be a plain relative")),
+    (3, "files entry /etc/passwd with its digest",
+     bad_bundle(_files_entry("/etc/passwd", Path("/etc/passwd")), "files['/etc/passwd']: must be a plain relative")),
+    (3, "graph path outside the bundle", bad_bundle(_graph_outside, "must be a plain relative path")),
+    (3, "graph file a link leaving the bundle", bad_bundle(_symlink_leaving, "reference.onnx leads outside the bundle")),
+    (3, "a /dev/zero entry", bad_bundle(_dev_zero, "file zero.bin leads outside the bundle")),
+    (3, "ONNX external data (hashed)", bad_bundle(_external_data, "keeps weights in external data files")),
+    (4, "links planted under temporary and output names", planted_links),
+    (5, "dup_0000.mha and dup_0000.nii.gz", duplicate_case_names),
+    (5, "case A_uncertainty against A's uncertainty map", uncertainty_name_clash),
+    (5, "-i X -o X: case B_0000's output onto input B_0000.nii.gz", output_onto_input),
     (6, "export a crafted pickle checkpoint", export_crafted_checkpoint),
+    (7, "predict.sh from a folder holding an app/ package", predict_sh_from_folder_with_app),
+    (8, "files as a list", bad_bundle(_set("files", ["reference.onnx"]), "manifest field files: must be an object")),
+    (8, "graphs as a list", bad_bundle(_set("graphs", []), "manifest field graphs: must be an object")),
+    (8, "input_size a string", bad_bundle(_set("input_size", "64"), "manifest field input_size: must be")),
+    (8, "input_size of 3 values", bad_bundle(_set("input_size", [64, 64, 3]), "manifest field input_size: must be")),
+    (8, "stride 0", bad_bundle(_set("stride", 0), "manifest field stride: must be an integer 1..1024")),
+    (8, "stride '8'", bad_bundle(_set("stride", "8"), "manifest field stride: must be an integer 1..1024")),
+    (8, "classes an int", bad_bundle(_set("classes", 14), "manifest field classes: must be an object")),
+    (8, "malformed windows", bad_bundle(_set("windows", [{"name": "a", "sub_windows": [[0, "x"]]}]),
+                                        "manifest field windows[0].sub_windows")),
+    (8, "sampling every = 0", bad_bundle(_set("sampling.every", 0), "manifest field sampling.every")),
+    (8, "propagation top_k = {}", bad_bundle(_set("propagation.top_k", {}), "manifest field propagation.top_k")),
+    (8, "propagation {} replaced by a list", bad_bundle(_set("propagation", []), "manifest field propagation:")),
+    (8, "graph swapped for one with other inputs (hash updated)",
+     bad_bundle(_swapped_graph, "graph 'stcn_skip' file stcn_skip.onnx has inputs ['image']")),
+    (8, "non-ONNX bytes with a matching hash", bad_bundle(_not_onnx, "stcn_skip.onnx is not an ONNX model")),
+    (11, "header claims 1024^3 / 4096^3 voxels; zero spacing", header_claims_huge_volume),
+    (11, "umask 077: every output 0644", outputs_mode_under_umask),
 ]
 
 

@@ -405,15 +405,19 @@ def test_sigkill_leaves_no_partial_output_and_rerun_cleans_up(long_cases, tiny_b
     assert proc.returncode == -signal.SIGKILL
     written = _check_complete_outputs(out, long_cases)
     assert 1 <= len(written) < 3, written  # killed mid-run, after the first case
-    # a kill can leave only hidden temporaries; plant stale ones as a kill mid-write would
-    for p in out.iterdir():
-        assert not p.name.startswith(".") or ".part" in p.name, p.name
-    (out / ".Phantom_0003.nii.gz.k1ll3d.part.nii.gz").write_bytes(b"\x1f\x8bhalf")
-    (out / ".Phantom_0003.json.part.tmp").write_text('{"case": ')
+    # a kill can leave only its private folder of temporaries; plant stale ones in it as a
+    # kill mid-write would, and a hidden file of someone else's that must survive the rerun
+    hidden = [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name[: len(".flare22-run.")] for p in hidden] == [".flare22-run."], hidden
+    (hidden[0] / "part.k1ll3d.nii.gz").write_bytes(b"\x1f\x8bhalf")
+    (hidden[0] / "part.json").write_text('{"case": ')
+    (out / ".someone-elses.part.tmp").write_text("keep")
     rerun = run_cli("predict", "-i", long_cases, "-o", out, "--bundle", tiny_bundle, "--threads", "1",
                     "--device", "cpu", "--quiet")
     assert rerun.returncode == 0, rerun.stderr
     assert "3 of 3 cases written" in rerun.stdout
+    assert (out / ".someone-elses.part.tmp").read_text() == "keep"
+    (out / ".someone-elses.part.tmp").unlink()
     assert_outputs(out, LONG)
     assert _check_complete_outputs(out, long_cases) == LONG
 
@@ -424,7 +428,8 @@ def test_sigterm_removes_temporaries(long_cases, tiny_bundle, tmp_path):
     try:
         _wait_for_first_case(proc, out)
         # stands for a write in progress when the signal comes
-        (out / ".Phantom_0002.nii.gz.inflight.part.nii.gz").write_bytes(b"\x1f\x8b")
+        private = next(out.glob(".flare22-run.*"))
+        (private / "part.inflight.nii.gz").write_bytes(b"\x1f\x8b")
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     finally:

@@ -183,3 +183,38 @@ def test_cli_mode_and_bad_propagation_option(tiny_bundle, phantom_cases, tmp_pat
     assert ok.returncode == 0, ok.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "Phantom_0001.json").read_text())
     assert report["mode"] == "interp" and report["sampled"] == sample_candidates(24, 2).tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# cost accounting and the mode table
+
+
+def test_cost_model_counts_every_mode_and_scales_cells():
+    from evaluation.benchmark import cost_model
+
+    macs = {"reference": 2e9, "stcn_key": 1e9, "stcn_skip": 1e6, "stcn_value": 3e6, "stcn_decode": 5e6}
+    assert cost_model(macs, {"mode": "dense"}, 10) == {"reference": 20.0}
+    assert cost_model(macs, {"mode": "interp", "sampled": [0, 5, 9]}, 10) == {"reference": 6.0}
+    prop = {"key_encodes": 7, "skip_cells": 100, "value_cells": 20, "decoded_cells": 300}
+    got = cost_model(macs, {"mode": "reliable", "sampled": [0, 9], "propagation": prop}, 10, cell_scale=16)
+    assert got == pytest.approx({"reference": 4.0, "key_encode": 7.0, "skip": 1.6, "value_encode": 0.96,
+                                 "decode": 24.0})
+
+
+@pytest.mark.slow
+def test_mode_table_script(tiny_bundle, tmp_path):
+    out = tmp_path / "table"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "mode_table.py"), "--bundle", str(tiny_bundle),
+                           "--phantoms", "1", "--no-real", "--no-paper", "--repeats", "1", "--out", str(out),
+                           "--variants", "dense", "nearest", "interp:every=3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "mode_table.json").read_text())
+    s = res["summary"]["phantoms"]
+    assert list(s) == ["dense", "nearest", "interp:every=3"]
+    assert s["dense"]["time_ratio"] == 1.0 and s["dense"]["gmac_ratio"] == 1.0
+    # the pair on every 5th / 3rd of 48 slices: a fifth / a third of dense's counted GMAC
+    assert s["nearest"]["gmac_ratio"] == pytest.approx(9 / 48)
+    assert s["interp:every=3"]["gmac_ratio"] == pytest.approx(16 / 48)
+    assert all(0 <= v["dsc"] <= 1 for v in s.values())
+    assert "| interp:every=3 |" in (out / "mode_table.md").read_text()
