@@ -10,7 +10,16 @@ aggregated logits. Validation propagates ground-truth masks from the largest-are
 of each organ through held-out volumes with the appliance's own engine (app.propagation)
 and compares with copying the nearest reference slice.
 
-    flare22 train-propagation --labelled DIR [--val DIR] --out DIR --config tiny --iterations 3000
+Optional pretraining stage (``--pretrain-iterations`` on ``--unlabelled`` folders), STCN's
+static-image stage done on what the semi-supervised setting has plenty of: unlabelled CT
+slices. A clip is one slice with two masks made from the image itself (a connected region
+of similar intensity, or a random smooth blob; training.data.self_mask) and three frames:
+the slice, and two random affine + elastic deformations of it (training.data.random_warp).
+No label is read. The learning rate is constant during pretraining; the main stage then
+runs its own schedule and curriculum, as without pretraining.
+
+    flare22 train-propagation --labelled DIR [--val DIR] --out DIR --config tiny --iterations 3000 \
+        [--unlabelled DIR[,DIR...] --pretrain-iterations 1000]
 """
 from __future__ import annotations
 
@@ -21,13 +30,13 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from app.argtypes import positive_int
+from app.argtypes import nonneg_int, positive_int
 from app.assist import largest_area_slices, nearest_copy, propagate_annotations
 from app.labels import ORGANS
 from app.propagation import PropagationConfig
 from evaluation.scoring import dice
 from training import trainer as T
-from training.data import Volume, load_folder, slice_inputs, slice_labels
+from training.data import Volume, load_folder, random_warp, self_mask, slice_inputs, slice_labels, warp
 from training.losses import OhemLovaszLoss
 from training.models.stcn import STCN_CONFIGS, build_stcn
 from training.torch_backend import TorchStcnBackend
@@ -37,13 +46,16 @@ KIND = "propagation"
 
 @dataclasses.dataclass
 class PropagationTrainConfig(T.RunConfig):
-    iterations: int = T.arg(3000, type=positive_int, help="training iterations")
+    iterations: int = T.arg(3000, type=positive_int, help="main-stage iterations (labelled clips)")
     batch: int = T.arg(4, type=positive_int, help="clips per batch")
     betas: tuple[float, float] = (0.937, 0.999)
     milestones: tuple[float, ...] = (0.75, 0.92)
     # (fraction of training where it starts, max skip): 3, 4, 5, 7, 3 as the authors' code
     curriculum: tuple[tuple[float, int], ...] = ((0.0, 3), (0.1, 4), (0.2, 5), (0.3, 7), (0.8, 3))
     flip: bool = T.arg(True, help="no random flips (STCN is class-agnostic: a flip harms nothing here)")
+    unlabelled: str = T.arg("", help="comma-separated folders of unlabelled CT (images/ is enough) for pretraining")
+    pretrain_iterations: int = T.arg(0, type=nonneg_int,
+                                     help="self-made-mask pretraining iterations on --unlabelled before the main stage")
 
 
 def max_skip(it: int, cfg: PropagationTrainConfig) -> int:
@@ -95,14 +107,49 @@ class ClipSampler:
         if second > 0:
             target[lab == second] = 2
         first = np.stack([(target[0] == 1), (target[0] == 2)]).astype(np.float32)
-        if flip and self.rng.random() < 0.5:
-            img, target, first = img[..., ::-1], target[..., ::-1], first[..., ::-1]
-        if flip and self.rng.random() < 0.5:
-            img, target, first = img[..., ::-1, :], target[..., ::-1, :], first[..., ::-1, :]
-        return (np.ascontiguousarray(img), np.ascontiguousarray(first), np.ascontiguousarray(target))
+        return _flip(self.rng, flip, img, first, target)
 
     def batch(self, b: int, skip: int, size: int, flip: bool):
         clips = [self.clip(skip, size, flip) for _ in range(b)]
+        return tuple(np.stack(x) for x in zip(*clips))
+
+
+def _flip(rng, flip: bool, *arrays):
+    if flip and rng.random() < 0.5:
+        arrays = tuple(a[..., ::-1] for a in arrays)
+    if flip and rng.random() < 0.5:
+        arrays = tuple(a[..., ::-1, :] for a in arrays)
+    return tuple(np.ascontiguousarray(a) for a in arrays)
+
+
+class SelfMaskClipSampler:
+    """Pretraining clips from unlabelled volumes: one slice, a target and a second mask made
+    from the image, three frames (the slice and two random deformations of it)."""
+
+    def __init__(self, vols: list[Volume], seed: int):
+        if not vols:
+            raise ValueError("pretraining needs at least one unlabelled volume")
+        self.vols = vols
+        self.rng = np.random.default_rng(seed)
+
+    def clip(self, size: int, flip: bool):
+        vol = self.vols[int(self.rng.integers(len(self.vols)))]
+        z = int(self.rng.integers(vol.image.shape[0]))
+        img = slice_inputs(vol, np.array([z]), size)[0][0]
+        first = self_mask(img, self.rng)
+        second = self_mask(img, self.rng) & ~first
+        lab = first.astype(np.uint8) + 2 * (second if second.sum() >= 20 else np.zeros_like(second)).astype(np.uint8)
+        frames, labs = [img], [lab]
+        for _ in range(2):
+            f, l = warp(img, lab, random_warp((size, size), self.rng))
+            frames.append(f)
+            labs.append(l)
+        imgs, target = np.stack(frames), np.stack(labs).astype(np.int64)
+        mem = np.stack([target[0] == 1, target[0] == 2]).astype(np.float32)
+        return _flip(self.rng, flip, imgs, mem, target)
+
+    def batch(self, b: int, size: int, flip: bool):
+        clips = [self.clip(size, flip) for _ in range(b)]
         return tuple(np.stack(x) for x in zip(*clips))
 
 
@@ -151,18 +198,29 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
     use_amp = cfg.amp and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     sampler = ClipSampler(vols, cfg.seed * 1000 + info.rank)
+    pre = cfg.pretrain_iterations
+    synth = None
+    if pre > 0:
+        unl = [v for d in cfg.unlabelled.split(",") if d for v in load_folder(d, labelled=False, cache_dir=cache)]
+        synth = SelfMaskClipSampler(unl, cfg.seed * 1000 + 700 + info.rank)
     parts = {"models": {"stcn": net}, "optimizers": {"stcn": opt}, "schedulers": {"stcn": sched},
              "scalers": {"stcn": scaler}}
     start, best = 0, -1.0
     if resume:
         start, best = T.restore(state, **parts)
         sampler.rng.bit_generator.state = state["extra"]["sampler"]
+        if synth is not None and state["extra"].get("synth"):
+            synth.rng.bit_generator.state = state["extra"]["synth"]
     model = DDP(net) if info.world > 1 else net
     loss_fn = OhemLovaszLoss()
     net.train()
 
     def step(it: int) -> dict:
-        frames, first, target = sampler.batch(cfg.batch, max_skip(it, cfg), size, cfg.flip)
+        pretraining = it < pre
+        if pretraining:
+            frames, first, target = synth.batch(cfg.batch, size, cfg.flip)
+        else:
+            frames, first, target = sampler.batch(cfg.batch, max_skip(it - pre, cfg), size, cfg.flip)
         x = torch.from_numpy(frames).to(info.device)
         m = torch.from_numpy(first).to(info.device)
         y = torch.from_numpy(target[:, 1:]).to(info.device)  # (B, 2, H, W)
@@ -175,14 +233,19 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
-        sched.step()
-        return {"lr": opt.param_groups[0]["lr"], "loss": loss.item(), "max_skip": max_skip(it, cfg)}
+        if not pretraining:  # the main stage's schedule is the same with or without pretraining
+            sched.step()
+        return {"lr": opt.param_groups[0]["lr"], "loss": loss.item(), "stage": "pretrain" if pretraining else "main",
+                "max_skip": 0 if pretraining else max_skip(it - pre, cfg)}
 
     def save(path: Path, iteration: int, best_so_far: float) -> None:
         T.save_checkpoint(path, kind=KIND, config=cfg, iteration=iteration, **parts, best=best_so_far,
-                          extra={"sampler": sampler.rng.bit_generator.state})
+                          extra={"sampler": sampler.rng.bit_generator.state,
+                                 "synth": synth.rng.bit_generator.state if synth is not None else None})
 
-    def validate(it: int) -> dict:
+    def validate(it: int) -> dict | None:
+        if it < pre:  # pretraining: checkpoints, no validation
+            return None
         net.eval()
         res = evaluate(net, val, size, info.device)
         net.train()
@@ -190,7 +253,8 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
 
     return T.fit(cfg, out_dir, info=info, start=start, best=best, step=step, save=save,
                  validate=validate if val else None, desc="propagation", show_progress=progress,
-                 stop_after=stop_after, resumed=bool(resume))
+                 stop_after=stop_after, resumed=bool(resume), total=pre + cfg.iterations,
+                 save_at=(pre,) if pre else ())
 
 
 def load_stcn(checkpoint):
