@@ -1,6 +1,8 @@
 """The propagation engine: bidirectional STCN mask propagation through a CT volume.
 
-Written once, here, against a small interface of stage functions (:class:`StageBackend`):
+The memory bank, the per-volume feature cache and the run's counters are small classes
+of app.memory, created afresh by every ``run()``. Written once, here, against a small
+interface of stage functions (:class:`StageBackend`):
 training validation runs it with the torch network behind that interface, the appliance
 with exported ONNX graphs, the annotation assist with either. The memory read (affinity,
 top-k, softmax, weighted sum) is done natively in numpy by :func:`read_memory`.
@@ -37,13 +39,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Protocol
 
 import numpy as np
 
+from .memory import FeatureCache, Frame, MemoryBank, PropagationStats
 from .resize import argmax_resized, resize_stack
 
 
@@ -216,53 +218,12 @@ Window = tuple[int, int, int, int]  # y0, y1, x0, x1 in key-grid cells
 
 
 @dataclass
-class _Frame:
-    keys: object  # (Ck, n), the backend's array type
-    values: object  # (1, Cv, n)
-    is_ref: bool
-
-
-@dataclass
 class _OrganState:
     organ: int
     window: Window
-    memory: list[_Frame] = field(default_factory=list)
-    temp: _Frame | None = None
+    memory: MemoryBank
     alive: bool = True
     misses: int = 0
-
-
-@dataclass
-class PropagationStats:
-    key_encodes: int = 0
-    skip_encodes: int = 0
-    value_encodes: int = 0
-    decodes: int = 0
-    decoded_cells: int = 0  # sum over decodes of window area, in key-grid cells
-    value_cells: int = 0  # likewise for value encodes
-    skip_cells: int = 0  # key-grid cells of the slices whose skip features were computed
-    full_cells: int = 0  # what the same decodes would cost on the full frame
-    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-
-    def to_json(self) -> dict:
-        d = {k: getattr(self, k) for k in ("key_encodes", "skip_encodes", "value_encodes", "decodes",
-                                            "decoded_cells", "value_cells", "skip_cells", "full_cells")}
-        d["seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
-        d["calls"] = dict(self.calls)
-        return d
-
-
-class _Timer:
-    def __init__(self, stats: PropagationStats, name: str):
-        self.stats, self.name = stats, name
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.stats.seconds[self.name] += time.perf_counter() - self.t0
-        self.stats.calls[self.name] += 1
 
 
 class PropagationEngine:
@@ -276,30 +237,15 @@ class PropagationEngine:
         self.backend = backend
         self.cfg = config or PropagationConfig()
         self.num_organs = num_organs
+        # per-run state: every field is set afresh by run() (see _start), so that nothing
+        # carries over from one volume to the next
         self.stats = PropagationStats()
-
-    # ---- feature cache ------------------------------------------------------------
-    def _features(self, t: int, direction: int, lo: int, hi: int) -> dict:
-        if t not in self._cache:
-            b = self.cfg.key_batch
-            want = [s for s in range(t, t + direction * b, direction) if lo <= s <= hi and s not in self._cache]
-            with _Timer(self.stats, "key_encode"):
-                imgs = self.backend.to_device(np.ascontiguousarray(self._get_slices(want), dtype=np.float32))
-                out = self.backend.encode_key(imgs)
-            self.stats.key_encodes += len(want)
-            for j, s in enumerate(want):
-                self._cache[s] = {k: v[j : j + 1] for k, v in out.items()}
-                self._cache[s]["image"] = imgs[j : j + 1]
-        return self._cache[t]
-
-    def _skips(self, feats: dict) -> tuple[np.ndarray, np.ndarray]:
-        if "s8" not in feats:
-            with _Timer(self.stats, "skip"):
-                feats["s8"], feats["s4"] = self.backend.skip_features(feats["f8"], feats["f4"])
-            self.stats.skip_encodes += 1
-            self.stats.skip_cells += self._grid[0] * self._grid[1]
-            del feats["f8"], feats["f4"]
-        return feats["s8"], feats["s4"]
+        self._cache: FeatureCache | None = None
+        self._stride, self._hw, self._grid = 0, (0, 0), (0, 0)
+        self._refs: dict[int, np.ndarray] = {}
+        self._weights: dict[int, np.ndarray] | None = None
+        self._votes = np.zeros((0, num_organs), np.float64)
+        self._entries: dict[int, list] = defaultdict(list)
 
     # ---- windows --------------------------------------------------------------------
     def _full_window(self) -> Window:
@@ -340,7 +286,7 @@ class PropagationEngine:
     def _union(wins: list[Window]) -> Window:
         return (min(w[0] for w in wins), max(w[1] for w in wins), min(w[2] for w in wins), max(w[3] for w in wins))
 
-    def _encode_frames(self, feats: dict, items: list[tuple[Window, np.ndarray, np.ndarray]]) -> list[_Frame]:
+    def _encode_frames(self, feats: dict, items: list[tuple[Window, np.ndarray, np.ndarray]]) -> list[Frame]:
         """Memory frames for (window, target, others) items of one slice: one value-encoder
         call per item, or (``batch_organs``) one call for all on the union of their windows."""
         if not items:
@@ -352,7 +298,7 @@ class PropagationEngine:
             win = self._union([w for w, _, _ in group])
             masks = np.stack([self._crop(t, win, s) for _, t, _ in group])
             others = np.stack([self._crop(o, win, s) for _, _, o in group])
-            with _Timer(self.stats, "value_encode"):
+            with self.stats.timer("value_encode"):
                 values = self.backend.encode_value(
                     self._crop(feats["image"], win, s), self._crop(feats["f16"], win, 1),
                     dev(np.ascontiguousarray(masks, dtype=np.float32)),
@@ -364,16 +310,8 @@ class PropagationEngine:
             keys = self._crop(feats["key"][0], win, 1)
             keys = keys.reshape(keys.shape[0], -1)
             for i in range(len(group)):
-                frames.append(_Frame(keys, values[i : i + 1].reshape(1, values.shape[1], -1), False))
+                frames.append(Frame(keys, values[i : i + 1].reshape(1, values.shape[1], -1)))
         return frames
-
-    def _add_memory(self, st: _OrganState, frame: _Frame) -> None:
-        st.memory.append(frame)
-        if len(st.memory) > self.cfg.max_memory:
-            for i, f in enumerate(st.memory):
-                if not f.is_ref:
-                    del st.memory[i]
-                    break
 
     def _decode(self, feats: dict, s8, s4, group: list[_OrganState]) -> list[tuple[Window, np.ndarray]]:
         """Read memory and decode a group of organs on the union of their windows."""
@@ -382,13 +320,13 @@ class PropagationEngine:
         h, w = qk.shape[1:]
         qk = qk.reshape(qk.shape[0], -1)
         readouts = []
-        with _Timer(self.stats, "read_memory"):
+        with self.stats.timer("read_memory"):
             for st in group:
-                frames = st.memory + ([st.temp] if st.temp is not None else [])
+                frames = st.memory.readable()
                 r = self.backend.read_memory([f.keys for f in frames], [f.values for f in frames], qk, self.cfg.top_k)
                 readouts.append(r.reshape(1, -1, h, w))
         readout = readouts[0] if len(readouts) == 1 else getattr(self.backend, "concat", self._stack)(readouts)
-        with _Timer(self.stats, "decode"):
+        with self.stats.timer("decode"):
             logits = self.backend.to_host(self.backend.decode(
                 readout, self._crop(feats["qv"], win, 1), self._crop(s8, win, 2), self._crop(s4, win, 4)))
         self.stats.decodes += 1
@@ -432,14 +370,14 @@ class PropagationEngine:
             if not present and self.cfg.skip_absent:
                 continue
             win = self._window_of(target > 0) or self._full_window()
-            states.append(_OrganState(o, win))
+            states.append(_OrganState(o, win, MemoryBank(self.cfg.max_memory)))
             items.append((win, target, total - target))
         if not states:
             return
-        feats = self._features(ref, direction, lo, hi)
+        feats = self._cache.get(ref, direction, lo, hi)
         for st, frame in zip(states, self._encode_frames(feats, items)):
             frame.is_ref = True
-            st.memory.append(frame)
+            st.memory.add(frame)
         for n_step, t in enumerate(steps, start=1):
             live = [st for st in states if st.alive]
             for st in states:
@@ -447,12 +385,12 @@ class PropagationEngine:
                     self._votes[t, st.organ - 1] += weight(t, st.organ)
             if not live:
                 continue
-            feats = self._features(t, direction, lo, hi)
-            s8, s4 = self._skips(feats)
+            feats = self._cache.get(t, direction, lo, hi)
+            s8, s4 = self._cache.skips(feats)
             groups = [live] if self.cfg.batch_organs else [[st] for st in live]
             decoded = [d for g in groups for d in self._decode(feats, s8, s4, g)]
             # soft aggregation on a canvas, so overlapping organs compete as in STCN
-            with _Timer(self.stats, "aggregate"):
+            with self.stats.timer("aggregate"):
                 canvas = np.zeros((len(live),) + self._hw, np.float32)
                 for i, (win, prob) in enumerate(decoded):
                     y0, y1, x0, x1 = (v * self._stride for v in win)
@@ -475,7 +413,7 @@ class PropagationEngine:
                     st.misses += 1
                     if st.misses >= self.cfg.patience:
                         st.alive = False
-                        st.temp = None
+                        st.memory.set_temp(None)
                         continue
                 else:
                     st.misses = 0
@@ -485,10 +423,9 @@ class PropagationEngine:
                     items.append((st.window, p, total - p))
             for (st, _), frame in zip(pending, self._encode_frames(feats, items)):
                 if is_mem:
-                    self._add_memory(st, frame)
-                    st.temp = None
+                    st.memory.add(frame)
                 else:
-                    st.temp = frame
+                    st.memory.set_temp(frame)
 
     # ---- the volume ---------------------------------------------------------------
     def run(
@@ -514,8 +451,10 @@ class PropagationEngine:
         s = self.backend.stride
         if hw[0] % s or hw[1] % s:
             raise ValueError(f"model input {hw} is not a multiple of the key stride {s}")
+        self.stats = PropagationStats()
         self._stride, self._hw, self._grid = s, tuple(hw), (hw[0] // s, hw[1] // s)
-        self._get_slices = get_slices
+        self._cache = FeatureCache(self.backend, get_slices, self.cfg.key_batch, self._grid[0] * self._grid[1],
+                                   self.stats)
         self._refs = {int(k): np.asarray(v) for k, v in references.items()}
         self._votes = np.zeros((num_slices, self.num_organs), np.float64)
         self._weights = None
@@ -523,20 +462,19 @@ class PropagationEngine:
             self._weights = {int(k): np.asarray(v, np.float64) for k, v in reference_weights.items()}
             if set(self._weights) != set(self._refs):
                 raise ValueError("reference_weights must give a weight vector for every reference slice")
-        self._entries: dict[int, list] = defaultdict(list)
-        self._cache: dict[int, dict] = {}
+        self._entries = defaultdict(list)
         refs = sorted(self._refs)
         if refs[0] < 0 or refs[-1] >= num_slices:
             raise ValueError(f"reference slices {refs} outside 0..{num_slices - 1}")
         # r_0 -> 0
         if refs[0] > 0:
             self._pass(refs[0], 0, -1, 0, refs[0])
-        self._evict_below(refs[0])
+        self._cache.evict_below(refs[0])
         for a, b in zip(refs[:-1], refs[1:]):
             if b - a > 1:
                 self._pass(a, b - 1, +1, a, b, far=b)
                 self._pass(b, a + 1, -1, a, b, far=a)
-            self._evict_below(b)
+            self._cache.evict_below(b)
         if refs[-1] < num_slices - 1:
             self._pass(refs[-1], num_slices - 1, +1, refs[-1], num_slices - 1)
         self._cache.clear()
@@ -544,10 +482,6 @@ class PropagationEngine:
             num_slices, tuple(hw), self.num_organs, self._refs, reference_probs or {},
             dict(self._entries), self._votes, self.stats, s,
         )
-
-    def _evict_below(self, t: int) -> None:
-        for k in [k for k in self._cache if k < t]:
-            del self._cache[k]
 
 
 @dataclass

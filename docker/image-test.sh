@@ -54,7 +54,10 @@ if [ -n "$missing" ]; then
 fi
 . docker/engine.sh
 pick_engine || exit 1
+export PODMAN_STORAGE  # the build below picks the same store
 P="$ENGINE_CMD"
+say "engine: $P"
+echo "engine $P" >>"$FIG"
 
 cleanup() {
   $P rm -f -i "$NAME" >/dev/null 2>&1

@@ -86,10 +86,12 @@ DEFAULT_LOCAL = ("bash", "predict.sh")
 STATUSES = ("ok", "failed", "no_output", "timeout", "error")
 # what FLARE23/24's command adds (Docker's default /dev/shm is 64 MB)
 EDITION_DOCKER_FLAGS = {22: (), 23: ("--shm-size=28gb", "-m", "28G"), 24: ("--shm-size=28gb", "-m", "28G")}
-# podman on machines without a Docker daemon (setrlimit not permitted, hybrid cgroups)
+# podman on machines without a Docker daemon (setrlimit not permitted, hybrid cgroups);
+# FLARE22_PODMAN replaces the podman command (docker/engine.sh picks the store and prints it)
 ENGINES = {
     "docker": ("docker",),
-    "podman": ("podman", "--runtime=runc", "--storage-driver=vfs", "--cgroup-manager=cgroupfs"),
+    "podman": tuple(shlex.split(os.environ.get(
+        "FLARE22_PODMAN", "podman --runtime=runc --storage-driver=vfs --cgroup-manager=cgroupfs"))),
 }
 ENGINE_RUN_FLAGS = {"docker": (), "podman": ("--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024")}
 

@@ -28,8 +28,10 @@ from evaluation.efficiency import (
     compute_figures,
     cpu_busy_percent,
     default_gpu_index,
+    figures_from_organisers_record,
     gpu_tolerant,
     hang_figures,
+    organisers_record,
     spike_filtered_max,
 )
 from evaluation import harness
@@ -551,3 +553,21 @@ def test_outputs_folder_as_their_scripts_make_it_and_time_stops_after_the_sample
     assert list(header)[:8] == ["Name", "Time", "MaxGPU_Mem", "AUC_GPU_Time", "MaxCPU_Utilization",
                                 "AUC_CPU_Time", "MaxRAM", "AUC_RAM_Time"]
     assert float(header["CPU_Utilization_Exact"]) >= 0.0
+
+
+def test_their_columns_on_a_recorded_series_equal_what_their_load_json_wrote():
+    data = json.loads((Path(__file__).parent / "data" / "organisers_series.json").read_text())
+    figures = figures_from_organisers_record(data["record"])
+    for edition in (22, 23, 24):
+        header, row = data["their_csv"]["23" if edition == 24 else str(edition)]
+        ours = figures.to_row(edition)
+        assert list(ours)[:7] == header[1:]  # their column names, in their order
+        assert [ours[c] for c in header[1:]] == [float(v) for v in row[1:]], edition
+    # the editions differ only where their code does: GPU memory with or without the 2 % rule
+    assert figures.to_row(22)["GPU_Mem"] == 1802.0 and figures.to_row(23)["MaxGPU_Mem"] == 2732.0
+    # and our JSON form of those samples is theirs again
+    again = organisers_record(Samples(gpu_mb=data["record"]["gpu_memory"], cpu_list=data["record"]["cpu_list"],
+                                      ram_mb=data["record"]["RAM_list"]), data["record"]["time"])
+    assert again == data["record"]
+    no_time = {k: v for k, v in data["record"].items() if k != "time"}
+    assert figures_from_organisers_record(no_time).time_s == pytest.approx(0.1 * len(no_time["gpu_memory"]))

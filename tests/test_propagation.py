@@ -162,3 +162,54 @@ def test_bad_arguments():
         engine.run(4, (32, 32), lambda i: volume(4)[i], {})
     with pytest.raises(ValueError, match="multiple of the key stride"):
         engine.run(4, (30, 32), lambda i: volume(4)[i], {0: ref_mask()})
+
+
+def test_memory_bank_keeps_references_and_evicts_the_oldest_other_frame():
+    from app.memory import Frame, MemoryBank
+
+    bank = MemoryBank(max_frames=3)
+    ref = Frame("k0", "v0", is_ref=True)
+    bank.add(ref)
+    bank.set_temp(Frame("t", "t"))
+    frames = [Frame(f"k{i}", f"v{i}") for i in range(1, 5)]
+    bank.add(frames[0])
+    assert bank.temp is None  # a memory frame replaces the temporary slot
+    for f in frames[1:]:
+        bank.add(f)
+    assert bank.frames == [ref, frames[2], frames[3]] and len(bank) == 3
+    bank.set_temp(frames[0])
+    assert bank.readable() == [ref, frames[2], frames[3], frames[0]]
+
+
+def test_feature_cache_encodes_each_slice_once_in_batches_and_evicts():
+    from app.memory import FeatureCache, PropagationStats
+
+    backend, stats = CopyBackend(), PropagationStats()
+    calls = []
+
+    def get(idx):
+        calls.append(list(idx))
+        return volume(10)[idx]
+
+    cache = FeatureCache(backend, get, batch=4, grid_cells=64, stats=stats)
+    cache.get(2, +1, 0, 9)
+    cache.get(4, +1, 0, 9)  # already there
+    cache.get(7, -1, 0, 9)  # backwards: 7, 6 (5..2 done or beyond)
+    assert calls == [[2, 3, 4, 5], [7, 6]] and stats.key_encodes == 6
+    s8, _ = cache.skips(cache.get(3, +1, 0, 9))
+    assert cache.skips(cache.get(3, +1, 0, 9))[0] is s8 and stats.skip_encodes == 1 and stats.skip_cells == 64
+    cache.evict_below(5)
+    assert 4 not in cache and 5 in cache and len(cache) == 3
+
+
+def test_engine_state_is_per_run():
+    """A reused engine gives the same labels and the same (not accumulated) stats."""
+    m = ref_mask()
+    vol = volume(16)
+    engine = PropagationEngine(CopyBackend(), PropagationConfig(top_k=1), num_organs=13)
+    first = engine.run(16, (32, 32), lambda idx: vol[idx], {3: m, 10: m})
+    second = engine.run(16, (32, 32), lambda idx: vol[idx], {3: m, 10: m})
+    assert first.stats is not second.stats
+    assert first.stats.to_json()["decodes"] == second.stats.to_json()["decodes"] > 0
+    assert first.stats.key_encodes == second.stats.key_encodes == 16
+    assert all(np.array_equal(first.labels(t), second.labels(t)) for t in range(16))

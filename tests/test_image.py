@@ -1,0 +1,139 @@
+"""The appliance's ONNX Runtime set-up for the GPU image, checked on the CPU provider: CUDA
+libraries preloaded before a CUDA session, the providers a session really runs reported, one
+warning when CUDA was asked for and the CPU runs, the CUDA arena's options, and the memory
+read by the bundle's graph. Also the image scripts' engine choice, with stand-in engines."""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app import backends
+from app.bundle import load_bundle
+from app.propagation import read_memory
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    monkeypatch.setattr(backends, "_state", {"preloaded": None, "warned": False})
+
+
+def test_cuda_request_preloads_once_reports_real_providers_and_warns_once(tiny_bundle, fresh_state, monkeypatch, caplog):
+    import onnxruntime as ort
+
+    calls = []
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: calls.append(1), raising=False)
+    # as on a machine whose ONNX Runtime lists CUDA but cannot load its libraries
+    monkeypatch.setattr(backends, "providers_for", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    bundle = load_bundle(tiny_bundle)
+    with caplog.at_level(logging.INFO, logger="flare22"):
+        for _ in range(2):
+            ref, stcn, info = backends.load_backends(bundle, device="cuda", threads=1)
+    assert calls == [1]  # once per process, before the first session
+    assert info["requested_providers"][0] == "CUDAExecutionProvider"
+    assert info["providers"] == ["CPUExecutionProvider"]  # session.get_providers(), not what is installed
+    assert info["cuda_preloaded"] is True
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "continuing on the CPU" in warnings[0].getMessage()
+    assert "ONNX Runtime providers: CPUExecutionProvider" in caplog.text
+
+
+def test_cpu_request_neither_preloads_nor_warns(tiny_bundle, fresh_state, monkeypatch, caplog):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: pytest.fail("preloaded for the CPU"), raising=False)
+    with caplog.at_level(logging.WARNING, logger="flare22"):
+        _, _, info = backends.load_backends(load_bundle(tiny_bundle), device="cpu", threads=1)
+    assert info["providers"] == ["CPUExecutionProvider"] and not caplog.records
+    assert "gpu_mem_limit_mb" not in info
+
+
+def test_cuda_options_grow_by_request_under_a_cap(monkeypatch):
+    monkeypatch.delenv("FLARE22_GPU_MEM_MB", raising=False)
+    [(name, opts), cpu] = backends.session_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert name == "CUDAExecutionProvider" and cpu == "CPUExecutionProvider"
+    assert opts["arena_extend_strategy"] == "kSameAsRequested"
+    assert opts["gpu_mem_limit"] == str(4096 * 2**20)
+    assert opts["cudnn_conv_algo_search"] == "HEURISTIC"
+    monkeypatch.setenv("FLARE22_GPU_MEM_MB", "1500")
+    assert backends.gpu_mem_limit_bytes() == 1500 * 2**20
+    monkeypatch.setenv("FLARE22_GPU_MEM_MB", "lots")
+    assert backends.gpu_mem_limit_bytes() == 4096 * 2**20
+    assert backends.session_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_memory_read_uses_the_bundle_graph_when_memory_is_large_enough(tiny_bundle, fresh_state):
+    _, stcn, info = backends.load_backends(load_bundle(tiny_bundle), device="cpu", threads=1)
+    assert info["memory_read"] == "onnx" and stcn.read is not None
+    top_k = stcn.read_top_k
+    rng = np.random.default_rng(0)
+    ck, cv = stcn.read.session.get_inputs()[0].shape[0], stcn.read.session.get_inputs()[1].shape[1]
+    qk = rng.standard_normal((ck, 24), dtype=np.float32)
+    for n in (top_k - 1, top_k, 3 * top_k):  # below top_k the graph cannot run: numpy does
+        keys = [rng.standard_normal((ck, n), dtype=np.float32)]
+        values = [rng.standard_normal((2, cv, n), dtype=np.float32)]
+        got = stcn.read_memory(keys, values, qk, top_k)
+        want = read_memory(keys[0], values[0], qk, top_k)
+        assert got.shape == want.shape == (2, cv, 24)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# The image scripts
+# ---------------------------------------------------------------------------------------
+
+
+def _stand_in(bindir: Path, name: str, body: str) -> None:
+    exe = bindir / name
+    exe.write_text("#!/bin/sh\n" + body)
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+
+
+def _engine(tmp_path, tools: dict[str, str]) -> subprocess.CompletedProcess:
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    for name, body in tools.items():
+        _stand_in(bindir, name, body)
+    env = {"PATH": str(bindir), "HOME": str(tmp_path)}  # only the stand-ins: no real engine is found
+    script = ". docker/engine.sh; pick_engine && echo \"$ENGINE|$ENGINE_CMD|$BUILD_FLAGS\""
+    return subprocess.run(["/bin/sh", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_engine_is_docker_where_a_daemon_answers_else_podman_with_this_machines_flags(tmp_path):
+    both = {"docker": "exit 0\n", "podman": "exit 0\n"}
+    assert _engine(tmp_path, both).stdout.strip() == "docker|docker|"
+    no_daemon = {"docker": 'echo "Cannot connect to the Docker daemon" >&2; exit 1\n', "podman": "exit 0\n"}
+    engine, cmd, flags = _engine(tmp_path, no_daemon).stdout.strip().split("|")
+    assert engine == "podman"
+    # no unshare among the stand-ins: overlay cannot be probed, so vfs, in its own store
+    assert cmd.startswith("podman --runtime=runc --storage-driver=vfs --root ")
+    assert cmd.endswith("--cgroup-manager=cgroupfs") and "-vfs " in cmd
+    assert "--ulimit nofile=1024:1024 --ulimit nproc=1024:1024" in flags
+
+
+def test_no_engine_is_one_clear_line(tmp_path):
+    proc = _engine(tmp_path, {})
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and "no container engine" in proc.stderr
+
+
+def test_build_refuses_a_folder_that_is_not_a_bundle(tmp_path):
+    env = dict(os.environ, ENGINE="podman", BUNDLE=str(tmp_path))
+    proc = subprocess.run(["sh", "docker/image.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"{tmp_path} is not a bundle" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_image_scripts_are_valid_shell():
+    for script, shell in (("docker/engine.sh", "sh"), ("docker/image.sh", "sh"), ("docker/predict.sh", "sh"),
+                          ("docker/image-test.sh", "bash")):
+        proc = subprocess.run([shell, "-n", str(REPO / script)], capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, (script, proc.stderr)
+    assert "umask 022" in (REPO / "docker" / "predict.sh").read_text()  # outputs 0644 whatever the engine's umask
