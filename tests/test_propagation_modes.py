@@ -147,7 +147,7 @@ def test_every_mode_runs_and_reports(mode_runs, phantom_volume):
 def test_sampled_slices_keep_the_pair_and_baselines_fill_between(mode_runs):
     dense = mode_runs["dense"][0]
     cands = sample_candidates(23, 3)
-    for mode in ("interp", "nearest", "reliable", "fused"):
+    for mode in ("interp", "nearest", "shape", "reliable", "fused"):
         assert np.array_equal(mode_runs[mode][0][cands], dense[cands]), mode
     nearest = mode_runs["nearest"][0]
     for t in range(23):
@@ -218,3 +218,21 @@ def test_mode_table_script(tiny_bundle, tmp_path):
     assert s["interp:every=3"]["gmac_ratio"] == pytest.approx(16 / 48)
     assert all(0 <= v["dsc"] <= 1 for v in s.values())
     assert "| interp:every=3 |" in (out / "mode_table.md").read_text()
+
+
+def test_shape_interpolation_moves_and_ends_organs():
+    from app.predict import interpolate_shapes, signed_distances
+
+    a = np.zeros((16, 16), np.uint8)
+    a[2:10, 2:10] = 1
+    a[12:14, 12:14] = 2  # organ 2 only on the lower slice
+    b = np.zeros_like(a)
+    b[6:14, 6:14] = 1
+    sa, sb = signed_distances(a, 13), signed_distances(b, 13)
+    assert np.isnan(sa[2]).all() and sa[0][5, 5] > 0 > sa[0][0, 0]
+    assert np.array_equal(interpolate_shapes(sa, sb, 0.0).argmax(0), a)
+    assert np.array_equal(interpolate_shapes(sa, sb, 1.0).argmax(0), b)
+    mid = interpolate_shapes(sa, sb, 0.5).argmax(0)
+    assert mid[8, 8] == 1 and mid[3, 3] == 0 and mid[13, 13] == 0  # the square sits half-way
+    assert (interpolate_shapes(sa, sb, 0.25).argmax(0) == 2).sum() == 4
+    assert not (mid == 2).any()  # the organ of one side shrinks away by the midpoint
