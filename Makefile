@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo image image-test lint clean
+.PHONY: setup test test-fast demo demo-quick image image-test lint clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,13 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Budgets are iterations (same models on any machine); the expected time is printed first.
 demo: setup
 	$(BIN)/python -m training.demo --out demo
+
+# Small budgets (4 labelled phantoms, 120 + 120 iterations) into demo/quick: for CI.
+demo-quick: setup
+	$(BIN)/python -m training.demo --quick
 
 # The image: docker where a daemon answers, else podman (docs/efficiency.md). BASE= picks the base.
 BUNDLE ?= demo/bundle

@@ -108,6 +108,20 @@ def resolve_settings(manifest: dict, mode: str | None, overrides: dict) -> tuple
     return mode, {"every": int(every), "max": int(maximum)}, cfg
 
 
+def pair_labels(probs_fn, volume: np.ndarray, windows, hw: tuple[int, int], batch: int = 8):
+    """Yield (slice indices, (B, h, w) uint8 labels) over every axial slice of a canonical
+    (N, h, w) HU volume: the one "volume -> pair labels" routine (training validation and
+    pseudo-labelling run it with torch or ONNX pairs). Slices are windowed and resized to
+    the model input ``hw``, positioned at z / N; ``probs_fn(images, positions)`` returns the
+    pair's summed softmax (B, C, H, W), whose argmax after bilinear resizing back to (h, w)
+    is the label."""
+    n, h, w = volume.shape
+    for i in range(0, n, batch):
+        z = np.arange(i, min(n, i + batch))
+        probs = probs_fn(resize_stack(window_slices(volume[z], windows), hw), (z / n).astype(np.float32))
+        yield z, np.stack([argmax_resized(p, (h, w)) for p in probs])
+
+
 @dataclass
 class PredictOptions:
     batch: int = 8

@@ -8,7 +8,7 @@ under ``inference_mode``, both limited to ``--threads`` threads. Each figure is 
 of ``--repeats`` calls after one warm-up call (wall time, and the process's CPU time, which
 is the steadier figure on a shared machine). Input sizes are the appliance's: one slice
 (batch 1) for the reference pair and the key encoder, full-frame grids for the other
-stages, ``--organs`` objects and ``--memory-frames`` frames of memory.
+stages and ``--organs`` objects. The graphs and their inputs come from ``export.graphs.GRAPHS``.
 
 ``--graphs`` restricts the run to some graphs: only those are exported (no parity check,
 bundle sizes then cover only those files), which makes a quick check of the `paper` path
@@ -16,7 +16,7 @@ affordable on a busy machine.
 
     .venv/bin/python bench/export_timing.py --out bench/out/export_timing.json
         [--configs tiny paper] [--graphs reference stcn_key ...] [--threads 4]
-        [--repeats 5] [--organs 1] [--memory-frames 5] [--work DIR]
+        [--repeats 5] [--organs 1] [--work DIR]
 """
 from __future__ import annotations
 
@@ -38,45 +38,19 @@ from app.argtypes import positive_int  # noqa: E402
 import export.bundle as xb  # noqa: E402
 from app.bundle import load_bundle  # noqa: E402
 from bench.stage_costs import time_call  # noqa: E402
+from export.graphs import GRAPHS, Case, Dims, modules, stcn_channels  # noqa: E402
 from training.torch_backend import rebuild_networks  # noqa: E402
 from training.models.reference import REFERENCE_CONFIGS, build_reference_pair  # noqa: E402
 from training.models.stcn import build_stcn  # noqa: E402
 
-GRAPHS = ("reference", "stcn_key", "stcn_skip", "stcn_value", "stcn_decode", "stcn_read")
-
-
-def stage_modules(a, b, net) -> dict[str, torch.nn.Module]:
-    """The exported graphs as torch modules, exactly as export.bundle wraps them."""
-    return {
-        "reference": xb.CPSPair(a, b).eval(),
-        "stcn_key": xb._Stage(net, xb._key).eval(),
-        "stcn_skip": xb._Stage(net, xb._skip).eval(),
-        "stcn_value": xb._Stage(net, xb._value).eval(),
-        "stcn_decode": xb._Stage(net, xb._decode).eval(),
-        "stcn_read": xb._Read(net, net.cfg.top_k).eval(),
-    }
-
-
-def ort_session(path: Path, threads: int):
-    """A session with the appliance's settings (app.backends.OrtGraph)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def prepare(config: str, graphs: list[str], work: Path, seed: int):
-    """(folder of ONNX files, graph name -> torch module, STCN network, sizes, export seconds)."""
+    """(folder of ONNX files, graph name -> torch module, table dims, sizes, export seconds)."""
     out = work / config
     t0 = time.perf_counter()
     if list(graphs) == list(GRAPHS):  # the real export, parity check and all
         xb.export_bundle(out, ref_config=config, stcn_config=config, seed=seed, programs=False, quiet=True)
         a, b, net = rebuild_networks(load_bundle(out))
-        modules = stage_modules(a, b, net)
+        mods = modules(a, b, net)
         sizes = {**xb.bundle_size(out), "partial": False}
     else:
         if out.exists():
@@ -85,35 +59,27 @@ def prepare(config: str, graphs: list[str], work: Path, seed: int):
         torch.manual_seed(seed)
         a, b = build_reference_pair(config)
         net = build_stcn(config)
-        modules = {g: m for g, m in stage_modules(a.eval(), b.eval(), net.eval()).items() if g in graphs}
-        hw = (REFERENCE_CONFIGS[config].image_size,) * 2
-        ch = xb.stcn_shapes(net.cfg)
-        specs = xb.graph_specs(hw, ch)
+        mods = modules(a.eval(), b.eval(), net.eval(), names=graphs)
+    dims = Dims((REFERENCE_CONFIGS[config].image_size,) * 2, stcn_channels(net.cfg))
+    if list(graphs) != list(GRAPHS):
         rng = np.random.default_rng(seed)
-        for g, m in modules.items():
-            xb.export_onnx(m, xb.sample_inputs(g, hw, ch, rng), specs[g], out / f"{g}.onnx")
-        onnx_mb = sum((out / f"{g}.onnx").stat().st_size for g in modules) / 2**20
+        for g, m in mods.items():
+            graph = GRAPHS[g]
+            xb.export_onnx(graph, m, graph.sample(dims, rng, graph.example), dims, out / f"{g}.onnx")
+        onnx_mb = sum((out / f"{g}.onnx").stat().st_size for g in mods) / 2**20
         sizes = {"onnx_mb": onnx_mb, "total_mb": onnx_mb, "partial": True}
-    return out, modules, net, sizes, time.perf_counter() - t0
-
-
-def graph_inputs(name: str, hw: tuple[int, int], ch: dict, rng, organs: int, memory_frames: int, batch: int):
-    cells = (hw[0] // 16, hw[1] // 16)
-    per_frame = cells[0] * cells[1]
-    return xb.sample_inputs(name, hw, ch, rng, b=batch, o=organs, cells=cells, n=memory_frames * per_frame,
-                            p=per_frame)
+    return out, mods, dims, sizes, time.perf_counter() - t0
 
 
 def measure(config: str, graphs: list[str], work: Path, *, threads: int, repeats: int, organs: int,
-            memory_frames: int, batch: int, seed: int = 0) -> dict:
-    folder, modules, net, sizes, export_s = prepare(config, graphs, work, seed)
-    hw = (REFERENCE_CONFIGS[config].image_size,) * 2
-    ch = xb.stcn_shapes(net.cfg)
+            batch: int, seed: int = 0) -> dict:
+    folder, mods, dims, sizes, export_s = prepare(config, graphs, work, seed)
     rng = np.random.default_rng(seed + 1)
+    full_frame = Case(b=batch, o=organs, cells=dims.cells)  # the appliance's sizes: whole slices
     rows = []
     for name in graphs:
-        module = modules[name]
-        xs = graph_inputs(name, hw, ch, rng, organs, memory_frames, batch)
+        module = mods[name]
+        xs = GRAPHS[name].sample(dims, rng, full_frame)
         sess = ort_session(folder / f"{name}.onnx", threads)
         feed = {i.name: x for i, x in zip(sess.get_inputs(), xs)}
         ts = [torch.from_numpy(x) for x in xs]
@@ -133,7 +99,7 @@ def measure(config: str, graphs: list[str], work: Path, *, threads: int, repeats
                      "ort_cpu_ms": 1000 * ort_cpu, "torch_cpu_ms": 1000 * torch_cpu,
                      "torch_over_ort": torch_wall / ort_wall, "max_abs_diff": diff})
         del sess
-    return {"config": config, "input_size": list(hw), "export_s": export_s, "sizes": sizes, "rows": rows}
+    return {"config": config, "input_size": list(dims.hw), "export_s": export_s, "sizes": sizes, "rows": rows}
 
 
 def markdown(results: list[dict], meta: dict) -> str:
@@ -165,19 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="threads for both (default: all CPUs)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed calls per figure (median)")
     p.add_argument("--batch", type=positive_int, default=1, help="slices per reference / key-encoder call")
-    p.add_argument("--organs", type=positive_int, default=1, help="objects per value-encoder / decoder / read call")
-    p.add_argument("--memory-frames", type=positive_int, default=5, help="frames in memory for stcn_read")
+    p.add_argument("--organs", type=positive_int, default=1, help="objects per value-encoder / decoder call")
     p.add_argument("--work", type=Path, help="folder for the exported bundles (default: a temporary one)")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.threads < 1:
-        p.error("--repeats and --threads must be at least 1")
     graphs = [g for g in GRAPHS if g in args.graphs]
     import onnxruntime
 
     torch.set_num_threads(args.threads)
     meta = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": args.threads,
             "repeats": args.repeats, "batch": args.batch, "organs": args.organs,
-            "memory_frames": args.memory_frames, "cpus": os.cpu_count(), "machine": platform.platform(),
+            "cpus": os.cpu_count(), "machine": platform.platform(),
             "processor": platform.processor(), "load_before": [round(v, 2) for v in os.getloadavg()]}
     tmp = None
     work = args.work
@@ -186,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp.name)
     try:
         results = [measure(c, graphs, work, threads=args.threads, repeats=args.repeats, organs=args.organs,
-                           memory_frames=args.memory_frames, batch=args.batch) for c in args.configs]
+                           batch=args.batch) for c in args.configs]
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -36,7 +36,7 @@ from evaluation.efficiency import GpuProbe, ResourceMonitor  # noqa: E402
 from evaluation.phantom import generate  # noqa: E402
 from app.predict import PredictOptions, Predictor  # noqa: E402
 from export.bundle import base_manifest  # noqa: E402
-from training.models.reference import build_reference_pair  # noqa: E402
+from training.models.reference import ReferencePair, build_reference_pair  # noqa: E402
 from training.models.stcn import build_stcn  # noqa: E402
 from training.torch_backend import TorchReference, TorchStcnBackend  # noqa: E402
 
@@ -70,7 +70,7 @@ def main() -> int:
     load_s = time.perf_counter() - t0
     size = 512 if args.config == "paper" else 128
     bundle = Bundle(Path("<in-memory>"), base_manifest((size, size)))
-    backends = (TorchReference(a, b, dev, dtype), TorchStcnBackend(net, dev, dtype),
+    backends = (TorchReference(ReferencePair(a, b).eval(), dev, dtype), TorchStcnBackend(net, dev, dtype),
                 {"backend": "torch", "device": str(dev), "dtype": args.dtype, "providers": [f"torch-{dev.type}"]})
     case = generate(7, (args.slices, args.in_plane, args.in_plane))
     volume = case.image

@@ -52,7 +52,7 @@ def score_pair(ckpt, vols) -> dict:
     size = state["config"] and 128
     per = {}
     for v in vols:
-        pred = TR.predict_volume_probs([a, b], v, size, torch.device("cpu"))
+        pred = TR.predict_labels([a, b], v, size, torch.device("cpu"))
         gt = np.asarray(v.labels)
         for o in ORGANS:
             if (gt == o).any():

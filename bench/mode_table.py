@@ -65,7 +65,7 @@ def paper_macs(cache: Path) -> dict[str, float]:
         return json.loads(cache.read_text())
     import torch
 
-    from export.bundle import count_macs, graph_modules, stcn_shapes
+    from export.graphs import GRAPHS, Dims, count_macs, modules, stcn_channels
     from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
     from training.models.stcn import build_stcn
 
@@ -73,9 +73,9 @@ def paper_macs(cache: Path) -> dict[str, float]:
     size = REFERENCE_CONFIGS["paper"].image_size
     a, b = build_reference_pair("paper")
     net = build_stcn("paper")
-    modules = graph_modules(a, b, net, net.cfg.top_k)
-    ch = stcn_shapes(net.cfg)
-    macs = {name: count_macs(name, modules[name], (size, size), ch)["macs"] for name in COST_GRAPHS}
+    mods = modules(a, b, net, names=COST_GRAPHS)
+    dims = Dims((size, size), stcn_channels(net.cfg))
+    macs = {name: count_macs(GRAPHS[name], mods[name], dims)["macs"] for name in COST_GRAPHS}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(macs, indent=1))
     return macs

@@ -210,6 +210,11 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# (folder, config name) -> a random-weight bundle exported there. Exporting needs torch and
+# the export package, which evaluation/ does not import: the `flare22` command injects it.
+RANDOM_BUNDLE = None
+
+
 def add_arguments(p) -> None:
     p.add_argument("--bundle", help="model bundle; or --config to export random weights on the spot")
     p.add_argument("--config", choices=("tiny", "paper"), help="random-weight bundle of this configuration")
@@ -235,10 +240,11 @@ def run(args) -> int:
         if args.bundle:
             bundle = load_bundle(args.bundle)
         elif args.config:
-            from export.bundle import export_bundle  # needs torch: a development machine
-
-            bundle = load_bundle(export_bundle(Path(tmp) / "bundle", ref_config=args.config,
-                                               stcn_config=args.config, programs=False, quiet=True))
+            if RANDOM_BUNDLE is None:
+                print("flare22 benchmark: --config needs the development install's `flare22` command "
+                      "(it exports the random bundle); give --bundle", file=sys.stderr)
+                return 2
+            bundle = load_bundle(RANDOM_BUNDLE(Path(tmp) / "bundle", args.config))
         else:
             print("flare22 benchmark: give --bundle or --config", file=sys.stderr)
             return 2

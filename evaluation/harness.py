@@ -83,7 +83,6 @@ log = logging.getLogger(__name__)
 DOCKER_INPUTS = "/workspace/inputs/"
 DOCKER_OUTPUTS = "/workspace/outputs/"
 DEFAULT_LOCAL = ("bash", "predict.sh")
-STATUSES = ("ok", "failed", "no_output", "timeout", "error")
 # what FLARE23/24's command adds (Docker's default /dev/shm is 64 MB)
 EDITION_DOCKER_FLAGS = {22: (), 23: ("--shm-size=28gb", "-m", "28G"), 24: ("--shm-size=28gb", "-m", "28G")}
 # podman on machines without a Docker daemon (setrlimit not permitted, hybrid cgroups);

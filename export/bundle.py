@@ -4,25 +4,18 @@
     flare22 export --random tiny --out BUNDLE_DIR      # random weights, for tests and benchmarks
 
 Graphs (ONNX, opset 17, named inputs and outputs, dynamic axes where the appliance needs
-them; the model input size is fixed by the bundle):
-
-=============  ===========================================  =================================
-reference      image (B,3,H,W), position (B,)               probs (summed softmax), probs_a, probs_b
-stcn_key       image (B,3,H,W)                              key, query_value, f16, f8, f4
-stcn_skip      f8 (B,C8,2h,2w), f4 (B,C4,4h,4w)             s8, s4
-stcn_value     image, f16, masks (O,..), others (O,..)      values (O,Cv,hc,wc)  [crops: any hc, wc]
-stcn_decode    readout (O,..), query_value, s8, s4          logits (O,1,Hc,Wc)   [crops: any size]
-stcn_read      mem_keys (Ck,N), mem_values (O,Cv,N),        readout (O,Cv,P)  (measured against
-               query_key (Ck,P)                             the appliance's numpy read)
-=============  ===========================================  =================================
+them; the model input size is fixed by the bundle): the table ``export.graphs.GRAPHS``
+gives each graph's module, names, shapes, sample inputs, parity cases and cost unit.
 
 Each graph is also saved as a ``torch.export`` program (``.pt2``) for the torch backend that
 GPU measurements use: ``torch.jit`` is deprecated in torch 2.14, and ``torch.export`` keeps
 dynamic shapes explicit. Optional fp16 ONNX copies (``--fp16``) get their own parity rows.
 
-Parity: every graph against its torch module on fresh random inputs, at two organ counts,
-two crop sizes and two memory lengths: max |difference| <= 1e-3 (fp32), and >= 99.9 %
-argmax agreement on the reference output. The export fails loudly when it does not hold.
+Parity: every graph against its torch module on fresh random inputs at its parity cases
+(two batch sizes, or two organ counts and two crop sizes), and the appliance's numpy memory
+read against the network's torch read at two memory lengths: max |difference| <= 1e-3
+(fp32), and >= 99.9 % argmax agreement on the reference output. The export fails loudly
+when it does not hold.
 """
 from __future__ import annotations
 
@@ -43,11 +36,12 @@ from torch import nn
 
 from app.argtypes import nonneg_int, positive_int
 from app.bundle import FORMAT, FORMAT_VERSION, load_bundle, sha256_file
+from app.errors import Flare22Error
 from app.labels import CLASS_NAMES
 from app.propagation import PropagationConfig, read_memory
 from app.predict import DEFAULT_MODE, DEFAULT_SAMPLING, MODES, propagation_option
 from app.windowing import DEFAULT_WINDOWS
-from app.errors import Flare22Error
+from export.graphs import GRAPHS, Dims, Graph, Stage, count_macs, modules, stcn_channels
 from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
 from training.models.stcn import STCN, STCN_CONFIGS, build_stcn
 
@@ -61,166 +55,22 @@ class ParityError(Flare22Error):
     pass
 
 
-class CPSPair(nn.Module):
-    """The reference pair as one graph: summed softmax and each member's softmax."""
-
-    def __init__(self, a: nn.Module, b: nn.Module):
-        super().__init__()
-        self.a, self.b = a, b
-
-    def forward(self, image, position):
-        pa = torch.softmax(self.a(image, position), dim=1)
-        pb = torch.softmax(self.b(image, position), dim=1)
-        return pa + pb, pa, pb
-
-
-class _Stage(nn.Module):
-    def __init__(self, net: STCN, fn):
-        super().__init__()
-        self.net, self.fn = net, fn
-
-    def forward(self, *xs):
-        return self.fn(self.net, *xs)
-
-
-def _key(net, image):
-    return net.encode_key(image)
-
-
-def _skip(net, f8, f4):
-    return net.skip_features(f8, f4)
-
-
-def _value(net, image, f16, masks, others):
-    return net.encode_value(image, f16, masks, others)
-
-
-def _decode(net, readout, qv, s8, s4):
-    return net.decode(readout, qv, s8, s4)
-
-
-class _Read(nn.Module):
-    def __init__(self, net: STCN, top_k: int):
-        super().__init__()
-        self.net, self.top_k = net, top_k
-
-    def forward(self, mem_keys, mem_values, query_key):
-        ck, p = query_key.shape
-        out = self.net.read_memory(mem_keys, mem_values, query_key.reshape(ck, p, 1), top_k=self.top_k)
-        return out.reshape(out.shape[0], out.shape[1], p)
-
-
-def graph_modules(a: nn.Module, b: nn.Module, net: STCN, top_k: int) -> dict[str, nn.Module]:
-    """The exported graphs' modules by name, in eval mode: the reference pair and STCN's stages."""
-    return {
-        "reference": CPSPair(a, b).eval(),
-        "stcn_key": _Stage(net, _key).eval(),
-        "stcn_skip": _Stage(net, _skip).eval(),
-        "stcn_value": _Stage(net, _value).eval(),
-        "stcn_decode": _Stage(net, _decode).eval(),
-        "stcn_read": _Read(net, top_k).eval(),
-    }
-
-
-def stcn_shapes(cfg) -> dict:
-    """Channel counts of the STCN features for a config (probed on a tiny input)."""
-    net = build_stcn(cfg).eval()
-    with torch.no_grad():
-        key, qv, f16, f8, f4 = net.encode_key(torch.zeros(1, 3, 32, 32))
-        s8, s4 = net.skip_features(f8, f4)
-    return {"ck": key.shape[1], "cv": qv.shape[1], "c16": f16.shape[1], "c8": f8.shape[1],
-            "c4": f4.shape[1], "s8": s8.shape[1], "s4": s4.shape[1]}
-
-
-def graph_specs(hw: tuple[int, int], ch: dict, stride: int = 16) -> dict:
-    """Input/output names with symbolic shapes (strings are dynamic axes)."""
-    H, W = hw
-    h, w = H // stride, W // stride
-    return {
-        "reference": {
-            "inputs": [("image", ["B", 3, H, W]), ("position", ["B"])],
-            "outputs": [("probs", ["B", 14, H, W]), ("probs_a", ["B", 14, H, W]), ("probs_b", ["B", 14, H, W])],
-        },
-        "stcn_key": {
-            "inputs": [("image", ["B", 3, H, W])],
-            "outputs": [("key", ["B", ch["ck"], h, w]), ("query_value", ["B", ch["cv"], h, w]),
-                        ("f16", ["B", ch["c16"], h, w]), ("f8", ["B", ch["c8"], 2 * h, 2 * w]),
-                        ("f4", ["B", ch["c4"], 4 * h, 4 * w])],
-        },
-        "stcn_skip": {
-            "inputs": [("f8", ["B", ch["c8"], "h8", "w8"]), ("f4", ["B", ch["c4"], "h4", "w4"])],
-            "outputs": [("s8", ["B", ch["s8"], "h8", "w8"]), ("s4", ["B", ch["s4"], "h4", "w4"])],
-        },
-        "stcn_value": {
-            "inputs": [("image", [1, 3, "Hc", "Wc"]), ("f16", [1, ch["c16"], "hc", "wc"]),
-                       ("masks", ["O", "Hc", "Wc"]), ("others", ["O", "Hc", "Wc"])],
-            "outputs": [("values", ["O", ch["cv"], "hc", "wc"])],
-        },
-        "stcn_decode": {
-            "inputs": [("readout", ["O", ch["cv"], "hc", "wc"]), ("query_value", [1, ch["cv"], "hc", "wc"]),
-                       ("s8", [1, ch["s8"], "h8", "w8"]), ("s4", [1, ch["s4"], "h4", "w4"])],
-            "outputs": [("logits", ["O", 1, "Hc", "Wc"])],
-        },
-        "stcn_read": {
-            "inputs": [("mem_keys", [ch["ck"], "N"]), ("mem_values", ["O", ch["cv"], "N"]),
-                       ("query_key", [ch["ck"], "P"])],
-            "outputs": [("readout", ["O", ch["cv"], "P"])],
-        },
-    }
-
-
-def sample_inputs(name: str, hw, ch: dict, rng: np.random.Generator, *, b=2, o=2, cells=(4, 4), n=64, p=16):
-    """Random inputs for a graph; sizes vary with the keyword arguments."""
-    H, W = hw
-    hc, wc = cells
-    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
-    u = lambda *s: rng.random(s).astype(np.float32)  # noqa: E731
-    if name == "reference":
-        return [u(b, 3, H, W), u(b)]
-    if name == "stcn_key":
-        return [u(b, 3, H, W)]
-    if name == "stcn_skip":
-        return [r(b, ch["c8"], 2 * hc, 2 * wc), r(b, ch["c4"], 4 * hc, 4 * wc)]
-    if name == "stcn_value":
-        return [u(1, 3, 16 * hc, 16 * wc), r(1, ch["c16"], hc, wc), u(o, 16 * hc, 16 * wc), u(o, 16 * hc, 16 * wc)]
-    if name == "stcn_decode":
-        return [r(o, ch["cv"], hc, wc), r(1, ch["cv"], hc, wc), r(1, ch["s8"], 2 * hc, 2 * wc),
-                r(1, ch["s4"], 4 * hc, 4 * wc)]
-    if name == "stcn_read":
-        return [r(ch["ck"], n), r(o, ch["cv"], n), r(ch["ck"], p)]
-    raise KeyError(name)
-
-
-def _dynamic_axes(spec: dict) -> dict:
-    axes = {}
-    for nm, shape in spec["inputs"] + spec["outputs"]:
-        d = {i: s for i, s in enumerate(shape) if isinstance(s, str)}
-        if d:
-            axes[nm] = d
-    return axes
-
-
-def export_onnx(module: nn.Module, example: list[np.ndarray], spec: dict, path: Path) -> None:
+def export_onnx(graph: Graph, module: nn.Module, example: list[np.ndarray], dims: Dims, path: Path) -> None:
     args = tuple(torch.from_numpy(x) for x in example)
     torch.onnx.export(
         module, args, str(path), opset_version=OPSET, dynamo=False,
-        input_names=[n for n, _ in spec["inputs"]], output_names=[n for n, _ in spec["outputs"]],
-        dynamic_axes=_dynamic_axes(spec), do_constant_folding=True,
+        input_names=[n for n, _ in graph.inputs(dims)], output_names=[n for n, _ in graph.outputs(dims)],
+        dynamic_axes=graph.dynamic_axes(dims), do_constant_folding=True,
     )
 
 
-def export_program(module: nn.Module, example: list[np.ndarray], spec: dict, path: Path) -> bool:
+def export_program(graph: Graph, module: nn.Module, example: list[np.ndarray], dims: Dims, path: Path) -> bool:
     """A torch.export program of the graph; False (logged) where torch.export refuses it."""
     args = tuple(torch.from_numpy(x) for x in example)
-    dyn = []
-    for (_, shape), x in zip(spec["inputs"], example):
-        d = {}
-        for i, s in enumerate(shape):
-            if isinstance(s, str):
-                d[i] = torch.export.Dim.AUTO
-        dyn.append(d or None)
+    dyn = tuple({i: torch.export.Dim.AUTO for i, s in enumerate(shape) if isinstance(s, str)} or None
+                for _, shape in graph.inputs(dims))
     try:
-        shapes = (tuple(dyn),) if isinstance(module, _Stage) else tuple(dyn)  # _Stage takes *xs
+        shapes = (dyn,) if isinstance(module, Stage) else dyn  # a Stage takes *inputs
         ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
         torch.export.save(ep, str(path))
         return True
@@ -251,23 +101,13 @@ def _ort(path: Path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _parity_cases(name: str) -> list[dict]:
-    if name in ("stcn_value", "stcn_decode"):
-        return [{"o": 1, "cells": (4, 4)}, {"o": 3, "cells": (5, 7)}]
-    if name == "stcn_read":
-        return [{"o": 1, "n": 40, "p": 16}, {"o": 3, "n": 160, "p": 30}]
-    if name == "stcn_skip":
-        return [{"b": 1, "cells": (4, 4)}, {"b": 2, "cells": (6, 5)}]
-    return [{"b": 1}, {"b": 3}]
-
-
-def check_parity(name: str, module: nn.Module, onnx_path: Path, hw, ch, seed: int, *, fp16=False) -> dict:
+def check_parity(graph: Graph, module: nn.Module, onnx_path: Path, dims: Dims, seed: int, *, fp16=False) -> dict:
+    """The ONNX graph against its torch module on fresh random inputs, at each parity case."""
     rng = np.random.default_rng(seed)
     sess = _ort(onnx_path)
     worst, agree = 0.0, 1.0
-    sizes = []
-    for case in _parity_cases(name):
-        xs = sample_inputs(name, hw, ch, rng, **case)
+    for case in graph.parity:
+        xs = graph.sample(dims, rng, case)
         with torch.no_grad():
             ref = module(*[torch.from_numpy(x) for x in xs])
         ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
@@ -275,45 +115,31 @@ def check_parity(name: str, module: nn.Module, onnx_path: Path, hw, ch, seed: in
         outs = sess.run(None, feed)
         for r, o in zip(ref, outs):
             worst = max(worst, float(np.abs(r.numpy() - o).max()))
-        if name == "reference":
+        if graph.name == "reference":
             agree = min(agree, float((ref[0].numpy().argmax(1) == outs[0].argmax(1)).mean()))
-        sizes.append(case)
     tol = 5e-2 if fp16 else ATOL
-    ok = worst <= tol and (name != "reference" or agree >= ARGMAX_AGREEMENT)
-    return {"graph": name + (" (fp16)" if fp16 else ""), "max_abs_diff": worst, "tolerance": tol,
-            "argmax_agreement": agree if name == "reference" else None, "cases": sizes, "ok": ok}
+    is_ref = graph.name == "reference"
+    ok = worst <= tol and (not is_ref or agree >= ARGMAX_AGREEMENT)
+    return {"graph": graph.name + (" (fp16)" if fp16 else ""), "max_abs_diff": worst, "tolerance": tol,
+            "argmax_agreement": agree if is_ref else None, "cases": [c.to_json() for c in graph.parity], "ok": ok}
+
+
+READ_CASES = ({"o": 1, "n": 40, "p": 16}, {"o": 3, "n": 160, "p": 30})  # organs, memory, query positions
 
 
 def read_parity(net: STCN, ch: dict, top_k: int, seed: int) -> dict:
     """The appliance's numpy memory read against the network's torch read_memory."""
     rng = np.random.default_rng(seed)
     worst = 0.0
-    for case in _parity_cases("stcn_read"):
-        mk, mv, qk = sample_inputs("stcn_read", (16, 16), ch, rng, **case)
+    for case in READ_CASES:
+        mk = rng.standard_normal((ch["ck"], case["n"])).astype(np.float32)
+        mv = rng.standard_normal((case["o"], ch["cv"], case["n"])).astype(np.float32)
+        qk = rng.standard_normal((ch["ck"], case["p"])).astype(np.float32)
         with torch.no_grad():
-            ref = _Read(net, top_k)(torch.from_numpy(mk), torch.from_numpy(mv), torch.from_numpy(qk)).numpy()
+            ref = net.read_memory(*map(torch.from_numpy, (mk, mv, qk)), top_k=top_k).numpy()
         worst = max(worst, float(np.abs(read_memory(mk, mv, qk, top_k) - ref).max()))
     return {"graph": "read_memory (numpy)", "max_abs_diff": worst, "tolerance": ATOL, "argmax_agreement": None,
-            "cases": _parity_cases("stcn_read"), "ok": worst <= ATOL}
-
-
-def count_macs(name: str, module: nn.Module, hw, ch, seed: int = 0) -> dict:
-    """Multiply-adds of a graph, normalised to the unit the appliance counts it in."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    rng = np.random.default_rng(seed)
-    b, o, cells = 2, 2, (4, 4)
-    xs = sample_inputs(name, hw, ch, rng, b=b, o=o, cells=cells)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(*[torch.from_numpy(x) for x in xs])
-    macs = counter.get_total_flops() / 2
-    n_cells = cells[0] * cells[1]
-    unit = {"reference": ("slice", b), "stcn_key": ("slice", b), "stcn_skip": ("cell", b * n_cells),
-            "stcn_value": ("organ_cell", o * n_cells), "stcn_decode": ("organ_cell", o * n_cells)}.get(name)
-    if unit is None:
-        return {}
-    return {"per": unit[0], "macs": macs / unit[1]}
+            "cases": list(READ_CASES), "ok": worst <= ATOL}
 
 
 def print_parity(rows: list[dict], file=sys.stdout) -> None:
@@ -440,35 +266,25 @@ def _export_into(out: Path, final: Path, *, reference, propagation, ref_config, 
     if STCN_CONFIGS[stcn_config].image_size != size:
         raise Flare22Error(f"reference config {ref_config} ({size}) and STCN config {stcn_config} "
                            f"({STCN_CONFIGS[stcn_config].image_size}) differ in input size")
-    hw = (size, size)
     a.eval(), b.eval(), net.eval()
-    ch = stcn_shapes(net.cfg)
-    specs = graph_specs(hw, ch)
+    dims = Dims((size, size), stcn_channels(net.cfg))
     prop = PropagationConfig(top_k=net.cfg.top_k).with_overrides(prop_overrides or {})
-    modules = graph_modules(a, b, net, prop.top_k)
     rng = np.random.default_rng(seed)
     graphs, parity = {}, []
-    for name, module in modules.items():
-        spec = specs[name]
-        example = sample_inputs(name, hw, ch, rng)
-        onnx_file = f"{name}.onnx"
-        export_onnx(module, example, spec, out / onnx_file)
-        g = {"onnx": onnx_file,
-             "inputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in spec["inputs"]],
-             "outputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in spec["outputs"]]}
-        parity.append(check_parity(name, module, out / onnx_file, hw, ch, seed + 1))
-        if fp16 and to_fp16(out / onnx_file, out / f"{name}.fp16.onnx"):
+    for name, module in modules(a, b, net).items():
+        graph = GRAPHS[name]
+        example = graph.sample(dims, rng, graph.example)
+        g = graph.manifest_entry(dims)
+        export_onnx(graph, module, example, dims, out / g["onnx"])
+        parity.append(check_parity(graph, module, out / g["onnx"], dims, seed + 1))
+        if fp16 and to_fp16(out / g["onnx"], out / f"{name}.fp16.onnx"):
             g["onnx_fp16"] = f"{name}.fp16.onnx"
-            parity.append(check_parity(name, module, out / g["onnx_fp16"], hw, ch, seed + 2, fp16=True))
-        if name == "stcn_read":  # top_k is baked in: the graph needs N >= top_k memory entries
-            g["requires"] = f"N >= {prop.top_k}; the appliance reads memory in numpy (app.propagation)"
-        cost = count_macs(name, module, hw, ch)
-        if cost:
-            g["cost"] = cost
-        if programs and export_program(module, example, spec, out / f"{name}.pt2"):
+            parity.append(check_parity(graph, module, out / g["onnx_fp16"], dims, seed + 2, fp16=True))
+        g["cost"] = count_macs(graph, module, dims)
+        if programs and export_program(graph, module, example, dims, out / f"{name}.pt2"):
             g["torch"] = f"{name}.pt2"
         graphs[name] = g
-    parity.append(read_parity(net, ch, prop.top_k, seed + 3))
+    parity.append(read_parity(net, dims.ch, prop.top_k, seed + 3))
     if not quiet:
         print_parity(parity)
     failed = [r["graph"] for r in parity if not r["ok"]]
@@ -488,7 +304,7 @@ def _export_into(out: Path, final: Path, *, reference, propagation, ref_config, 
     import onnxruntime
 
     manifest = {
-        **base_manifest(hw, prop, sampling),
+        **base_manifest(dims.hw, prop, sampling),
         "graphs": graphs,
         "weights": {"reference_a": "reference_a.safetensors", "reference_b": "reference_b.safetensors",
                     "stcn": "stcn.safetensors"},

@@ -23,12 +23,25 @@ def _torch_backends(bundle, **kwargs):
     return load_torch_backends(bundle, **kwargs)
 
 
+def _random_bundle(out, config: str):
+    from export.bundle import export_bundle  # torch: development install only
+
+    return export_bundle(out, ref_config=config, stcn_config=config, programs=False, quiet=True)
+
+
+def _benchmark():
+    """evaluation.benchmark, with the random-bundle export it may not import itself."""
+    module = importlib.import_module("evaluation.benchmark")
+    module.RANDOM_BUNDLE = _random_bundle
+    return module
+
+
 COMMANDS = {
     **APPLIANCE_COMMANDS,
     "evaluate": (_module("evaluation.scoring"), "FLARE22 DSC / NSD of predictions against ground truth"),
     "phantom": (_module("evaluation.phantom"), "generate synthetic abdomen CT cases with FLARE22 labels"),
     "efficiency": (_module("evaluation.harness"), "run a command once per case and measure it as FLARE does"),
-    "benchmark": (_module("evaluation.benchmark"), "full pipeline vs dense baseline on 512 x 512 x N phantoms"),
+    "benchmark": (_benchmark, "full pipeline vs dense baseline on 512 x 512 x N phantoms"),
     "train-reference": (_module("training.train_reference"), "train the CPS pair (TransUNet + DeepLabV3+)"),
     "train-propagation": (_module("training.train_propagation"), "train the STCN propagation network"),
     "pseudo-label": (_module("training.pseudo_label"), "pseudo labels with uncertainty estimation"),

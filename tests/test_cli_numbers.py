@@ -46,11 +46,12 @@ def _command_parser(name: str) -> argparse.ArgumentParser:
 
 
 def plain_numbers(parser: argparse.ArgumentParser) -> list[str]:
-    """Options whose type is a bare int / float (or a lambda) instead of a checked type."""
+    """Options whose type is a bare int / float (or a lambda) instead of a checked type; an
+    int or float with ``choices`` is checked by argparse itself."""
     bad = []
     for action in parser._actions:
         t = action.type
-        if t in (int, float) or getattr(t, "__name__", "") == "<lambda>":
+        if (t in (int, float) and action.choices is None) or getattr(t, "__name__", "") == "<lambda>":
             bad.append(f"{'/'.join(action.option_strings) or action.dest}: type={getattr(t, '__name__', t)}")
     return bad
 
@@ -70,6 +71,7 @@ def test_the_walk_catches_a_plain_int():
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--ok", type=argtypes.positive_int)
+    p.add_argument("--edition", type=int, choices=(22, 23))
     assert plain_numbers(p) == ["--batch: type=int", "--lr: type=float"]
 
 

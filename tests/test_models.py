@@ -1,51 +1,22 @@
-"""Reference networks and STCN: shapes, exact stage semantics, sizes, ONNX parity."""
+"""Reference networks and STCN: shapes, exact stage semantics, sizes, ONNX parity of each exported graph."""
 from __future__ import annotations
 
 import dataclasses
 import warnings
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 import torchvision
 
 from training.losses import OhemLovaszLoss
 from training.models import REFERENCE_CONFIGS, STCN_CONFIGS, build_reference_pair, build_stcn
-from training.models.reference import TransUNet, count_parameters
-from training.models.stcn import STAGE_IO, STCN, STCNStage, aggregate, freeze_batchnorm
+import export.bundle as xb
+from export.graphs import GRAPHS, Dims, stcn_channels
+from training.models.reference import ReferencePair, TransUNet, count_parameters
+from training.models.stcn import STCN, aggregate, freeze_batchnorm, topk_read
 
 TINY = 128
-
-
-def _export_and_compare(module, example, input_names, output_names, dynamic_axes, trials, path):
-    """Export `module` (opset 17, TorchScript exporter) and compare onnxruntime with torch
-    on each input tuple of `trials`; returns the largest absolute difference seen."""
-    module.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamic_axes=dynamic_axes,
-            opset_version=17,
-            dynamo=False,
-        )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for args in trials:
-        with torch.no_grad():
-            expected = module(*args)
-        expected = (expected,) if isinstance(expected, torch.Tensor) else expected
-        got = session.run(None, {name: a.numpy() for name, a in zip(input_names, args)})
-        assert len(got) == len(expected)
-        for g, e in zip(got, expected):
-            assert g.shape == tuple(e.shape)
-            worst = max(worst, float(np.abs(g - e.numpy()).max()))
-    return worst
 
 
 # --------------------------------------------------------------------------- reference pair
@@ -111,21 +82,14 @@ def test_paper_parameter_counts():
         assert count_parameters(getattr(stcn, name)) == pytest.approx(expected, rel=0.01), name
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["transunet", "deeplab"])
-def test_reference_onnx_matches_onnxruntime(tiny_pair, which, tmp_path):
-    net = tiny_pair[which]
-    example = (torch.rand(2, 3, TINY, TINY), torch.rand(2))
-    trials = [(torch.rand(b, 3, TINY, TINY), torch.rand(b)) for b in (1, 3)]
-    worst = _export_and_compare(
-        net,
-        example,
-        ("image", "position"),
-        ("logits",),
-        {"image": {0: "batch"}, "position": {0: "batch"}, "logits": {0: "batch"}},
-        trials,
-        tmp_path / "net.onnx",
-    )
-    assert worst < 1e-3
+def test_reference_pair_sums_the_members_softmax(tiny_pair):
+    pair = ReferencePair(*tiny_pair).eval()
+    x, p = torch.rand(2, 3, TINY, TINY), torch.rand(2)
+    with torch.no_grad():
+        probs, pa, pb = pair(x, p)
+        want_a = torch.softmax(tiny_pair[0](x, p), 1)
+    assert torch.allclose(pa, want_a, atol=1e-6) and torch.allclose(probs, pa + pb, atol=1e-6)
+    assert torch.allclose(probs.sum(1), torch.full((2, TINY, TINY), 2.0), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- STCN
@@ -307,57 +271,33 @@ def test_training_forward_propagates_a_clip_and_backpropagates():
         assert part.weight.grad is not None and part.weight.grad.abs().sum() > 0
 
 
-def _stage_cases(net, f):
-    """(stage, example inputs, dynamic axes, trial inputs) for each exported STCN stage."""
-    h, ck, cv = TINY // 16, net.cfg.key_dim, net.cfg.value_dim
-    masks = lambda o: (torch.rand(o, TINY, TINY) > 0.5).float()  # noqa: E731
-    return {
-        "encode_key": (
-            (f["image"],),
-            {"image": {0: "B"}, **{n: {0: "B"} for n in STAGE_IO["encode_key"][1]}},
-            [(torch.rand(b, 3, TINY, TINY),) for b in (1, 2)],
-        ),
-        "skip_features": (
-            (f["f8"], f["f4"]),
-            {n: {0: "B"} for n in ("f8", "f4", "s8", "s4")},
-            [(f["f8"], f["f4"]), (torch.randn(2, *f["f8"].shape[1:]), torch.randn(2, *f["f4"].shape[1:]))],
-        ),
-        "encode_value": (
-            (f["image"], f["f16"], masks(3)),
-            {"masks": {0: "O"}, "values": {0: "O"}},
-            [(f["image"], f["f16"], masks(o)) for o in (1, 13)],
-        ),
-        "read_memory": (
-            (torch.randn(ck, 2, h, h), torch.randn(3, cv, 2, h, h), torch.randn(ck, h, h)),
-            {"mem_keys": {1: "T"}, "mem_values": {0: "O", 2: "T"}, "readout": {0: "O"}},
-            [
-                (torch.randn(ck, t, h, h), torch.randn(o, cv, t, h, h), torch.randn(ck, h, h))
-                for t, o in ((1, 1), (2, 13), (6, 4))
-            ],
-        ),
-        "decode": (
-            (torch.randn(3, cv, h, h), f["qv"], f["s8"], f["s4"]),
-            {"readout": {0: "O"}, "logits": {0: "O"}},
-            [(torch.randn(o, cv, h, h), f["qv"], f["s8"], f["s4"]) for o in (1, 13)],
-        ),
-        "aggregate": (
-            (torch.rand(3, TINY, TINY),),
-            {"probabilities": {0: "O"}, "logits": {0: "O"}},
-            [(torch.rand(o, TINY, TINY),) for o in (1, 13)],
-        ),
-    }
+@pytest.mark.parametrize("name", list(GRAPHS))
+def test_exported_graph_matches_onnxruntime(name, tmp_path):
+    """Each graph through the production export path (export.graphs + export.bundle) and
+    its parity check: ONNX Runtime against torch at the table's two parity cases."""
+    torch.manual_seed(0)
+    a, b = build_reference_pair("tiny")
+    net = build_stcn("tiny")
+    graph = GRAPHS[name]
+    module = graph.module(a, b, net).eval()
+    dims = Dims((TINY, TINY), stcn_channels(net.cfg))
+    example = graph.sample(dims, np.random.default_rng(0), graph.example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        xb.export_onnx(graph, module, example, dims, tmp_path / "g.onnx")
+    row = xb.check_parity(graph, module, tmp_path / "g.onnx", dims, seed=1)
+    assert row["ok"] and row["max_abs_diff"] <= xb.ATOL, row
+    assert not any(m.training for m in module.modules())  # export leaves the graph in eval mode
 
 
-@pytest.mark.parametrize("stage", list(STAGE_IO))
-def test_stcn_stage_onnx_matches_onnxruntime_at_two_sizes(tiny_stcn, tiny_features, stage, tmp_path):
-    example, dynamic_axes, trials = _stage_cases(tiny_stcn, tiny_features)[stage]
-    inputs, outputs = STAGE_IO[stage]
-    inputs = inputs[: len(example)]
-    worst = _export_and_compare(
-        STCNStage(tiny_stcn, stage), example, inputs, outputs, dynamic_axes, trials, tmp_path / "s.onnx"
-    )
-    assert worst < 1e-3
-    assert not tiny_stcn.training  # export leaves the network in its mode
+def test_topk_read_batched_equals_one_memory_at_a_time():
+    """The training forward reads a batch of memories with the same function."""
+    g = torch.Generator().manual_seed(0)
+    mk, mv, qk = torch.randn(3, 8, 50, generator=g), torch.randn(3, 2, 6, 50, generator=g), torch.randn(3, 8, 9, generator=g)
+    batched = topk_read(mk, mv, qk, 7)
+    for i in range(3):
+        assert torch.allclose(batched[i], topk_read(mk[i], mv[i], qk[i], 7), atol=1e-5)
+        assert torch.allclose(batched[i], topk_read(mk[i], mv[i], qk[i], 7, method="gather"), atol=1e-5)
 
 
 @pytest.mark.slow  # 13 s on two idle cores, over 20 s on a busy machine

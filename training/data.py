@@ -206,3 +206,85 @@ class SliceSampler:
                 labs.append(lab)
         out = (np.stack(imgs), np.asarray(poss, np.float32))
         return out + ((np.stack(labs).astype(np.int64),) if with_labels else ())
+
+
+# ---------------------------------------------------------------------------------------
+# self-made masks and deformations (STCN pretraining on unlabelled slices)
+
+
+def random_warp(shape: tuple[int, int], rng: np.random.Generator, *, rotate_deg: float = 15.0,
+                scale: tuple[float, float] = (0.9, 1.1), shift: float = 0.06, shear: float = 0.05,
+                elastic: float = 0.03, smooth: float = 0.12) -> np.ndarray:
+    """Sampling coordinates (2, H, W) of a random affine map composed with a smooth elastic
+    field: ``shift`` and ``elastic`` are fractions of the size, ``smooth`` the elastic field's
+    Gaussian width as a fraction of the size."""
+    h, w = shape
+    ang = np.deg2rad(rng.uniform(-rotate_deg, rotate_deg))
+    s = rng.uniform(*scale, size=2)
+    sh = rng.uniform(-shear, shear)
+    mat = np.array([[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]]) @ np.array([[1, sh], [0, 1]]) / s[:, None]
+    centre = np.array([(h - 1) / 2, (w - 1) / 2])
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    pts = np.stack([yy.ravel() - centre[0], xx.ravel() - centre[1]])
+    coords = (mat @ pts).reshape(2, h, w) + (centre + rng.uniform(-shift, shift, 2) * np.array([h, w]))[:, None, None]
+    if elastic > 0:
+        for k, n in enumerate((h, w)):
+            field = ndimage.gaussian_filter(rng.standard_normal((h, w)), smooth * n)
+            field *= elastic * n / max(float(np.abs(field).max()), 1e-6)
+            coords[k] += field
+    return coords.astype(np.float32)
+
+
+def warp(img: np.ndarray, lab: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a (C, H, W) image (linear) and an (H, W) label map (nearest) at ``coords``."""
+    out = np.stack([ndimage.map_coordinates(c, coords, order=1, mode="nearest") for c in img])
+    return out.astype(np.float32), ndimage.map_coordinates(lab, coords, order=0, mode="constant", cval=0)
+
+
+def intensity_region(img: np.ndarray, rng: np.random.Generator, *, min_frac: float = 0.003,
+                     max_frac: float = 0.2, tries: int = 12) -> np.ndarray | None:
+    """A mask made from the image itself: the connected region of similar (smoothed)
+    intensity around a random seed inside the body, cleaned by an opening; None when no
+    region of a usable size was found."""
+    g = ndimage.gaussian_filter(img.mean(axis=0), 1.5)
+    h, w = g.shape
+    body = g > np.percentile(g, 30)
+    cand = np.argwhere(body)
+    if not len(cand):
+        return None
+    for _ in range(tries):
+        y, x = cand[rng.integers(len(cand))]
+        delta = rng.uniform(0.03, 0.12)
+        near = np.abs(g - g[y, x]) < delta
+        near = ndimage.binary_opening(near, iterations=int(rng.integers(1, 3)))
+        comp, _ = ndimage.label(near)
+        if comp[y, x] == 0:
+            continue
+        m = ndimage.binary_fill_holes(comp == comp[y, x])
+        if min_frac * h * w <= m.sum() <= max_frac * h * w:
+            return m
+    return None
+
+
+def random_blob(shape: tuple[int, int], rng: np.random.Generator, *, min_frac: float = 0.005,
+                max_frac: float = 0.1) -> np.ndarray:
+    """A random smooth shape: a thresholded blurred noise field inside a random ellipse."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    while True:
+        cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+        ry, rx = rng.uniform(0.04, 0.2) * h, rng.uniform(0.04, 0.2) * w
+        ell = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+        noise = ndimage.gaussian_filter(rng.standard_normal((h, w)), 0.04 * h)
+        m = ell + 3 * noise / max(float(np.abs(noise).max()), 1e-6) < 1
+        comp, n = ndimage.label(m)
+        if n:
+            m = comp == 1 + int(np.bincount(comp.ravel())[1:].argmax())
+            if min_frac * h * w <= m.sum() <= max_frac * h * w:
+                return m
+
+
+def self_mask(img: np.ndarray, rng: np.random.Generator, p_region: float = 0.7) -> np.ndarray:
+    """An image-made intensity region (probability ``p_region``) or else a random blob."""
+    m = intensity_region(img, rng) if rng.random() < p_region else None
+    return m if m is not None else random_blob(img.shape[-2:], rng)

@@ -91,8 +91,8 @@ from app.bundle import load_bundle
 from app.ctio import case_name, list_cases, read_ct, write_labels
 from app.errors import Flare22Error
 from app.labels import NUM_CLASSES
-from app.resize import resize_stack
-from app.windowing import DEFAULT_WINDOWS, window_slices
+from app.predict import pair_labels
+from app.windowing import DEFAULT_WINDOWS
 
 SCORES = ("paper", "iou-majority")
 EMPTY_SLICES = ("skip", "one")
@@ -215,23 +215,19 @@ class CheckpointModel:
     """A reference checkpoint's pair in torch: slices -> summed softmax at input size."""
 
     def __init__(self, path: str | os.PathLike, device: str = "auto"):
-        from training.models.reference import REFERENCE_CONFIGS
+        from training.models.reference import REFERENCE_CONFIGS, ReferencePair
+        from training.torch_backend import TorchReference
         from training.train_reference import load_pair
 
         a, b, state = load_pair(path)
-        self.device = torch_device(device)
-        self.nets = [a.to(self.device), b.to(self.device)]
+        dev = torch_device(device)
+        self.reference = TorchReference(ReferencePair(a.to(dev), b.to(dev)).eval(), dev)
         s = REFERENCE_CONFIGS[state["config"]["model"]].image_size
         self.input_size = (s, s)
         self.windows = DEFAULT_WINDOWS  # the trainers window with the defaults (training.data)
 
     def __call__(self, images: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(images, np.float32)).to(self.device)
-            p = torch.from_numpy(np.ascontiguousarray(positions, np.float32)).to(self.device)
-            return sum(torch.softmax(n(x, p).float(), 1) for n in self.nets).cpu().numpy()
+        return self.reference(images, positions)["probs"]
 
 
 class BundleModel:
@@ -273,18 +269,9 @@ def model_id(path: str | os.PathLike) -> str:
 def predict_masks(models, volume: np.ndarray, batch: int = 16):
     """Yield (slice indices, (M, B, h, w) uint8 masks) over every axial slice of a canonical
     (N, h, w) HU volume, each model through its own windows and input size."""
-    n, h, w = volume.shape
-    for i in range(0, n, batch):
-        z = np.arange(i, min(n, i + batch))
-        pos = (z / n).astype(np.float32)
-        inputs: dict = {}
-        masks = np.empty((len(models), len(z), h, w), np.uint8)
-        for j, model in enumerate(models):
-            key = (model.windows, tuple(model.input_size))
-            if key not in inputs:
-                inputs[key] = resize_stack(window_slices(volume[z], model.windows), key[1])
-            masks[j] = resize_stack(model(inputs[key], pos), (h, w)).argmax(1)
-        yield z, masks
+    runs = [pair_labels(m, volume, m.windows, tuple(m.input_size), batch) for m in models]
+    for parts in zip(*runs):
+        yield parts[0][0], np.stack([labels for _, labels in parts])
 
 
 def label_volume(models, volume: np.ndarray, batch: int = 16) -> tuple[np.ndarray, Consensus]:

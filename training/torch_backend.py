@@ -8,14 +8,14 @@ network's device; only masks go in and decoder logits come out through the host.
 from __future__ import annotations
 
 import contextlib
-import math
-
 import logging
 
 import numpy as np
 import torch
 
 from app.bundle import Bundle
+from training.models.reference import REFERENCE_CONFIGS, ReferencePair, build_reference_pair
+from training.models.stcn import STCN_CONFIGS, build_stcn, topk_read
 
 log = logging.getLogger("flare22")
 
@@ -60,15 +60,7 @@ class TorchStcnBackend:
 
     @torch.inference_mode()
     def read_memory(self, mem_keys, mem_values, query_key, top_k):
-        mk = torch.cat(mem_keys, dim=1).float()  # (Ck, M)
-        mv = torch.cat(mem_values, dim=2)  # (O, Cv, M)
-        qk = query_key.float()
-        a = (2 * (mk.T @ qk) - mk.pow(2).sum(0)[:, None]) / math.sqrt(mk.shape[0])
-        k = min(top_k, a.shape[0])
-        top, idx = a.topk(k, dim=0)  # (k, P)
-        w = top.softmax(dim=0).to(mv.dtype)
-        gathered = mv[:, :, idx]  # (O, Cv, k, P)
-        return (gathered * w).sum(dim=2)
+        return topk_read(torch.cat(mem_keys, dim=1), torch.cat(mem_values, dim=2), query_key, top_k, method="gather")
 
     @torch.inference_mode()
     def decode(self, readout, qv, s8, s4):
@@ -77,33 +69,37 @@ class TorchStcnBackend:
 
 
 class TorchReference:
-    """(slices, positions) -> summed softmax of the pair (and each member's), numpy out."""
+    """(slices, positions) -> summed softmax of the pair (and each member's), numpy out.
 
-    def __init__(self, net_a, net_b, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-        self.a, self.b = net_a.eval(), net_b.eval()
+    ``pair`` is a ``ReferencePair`` (live networks) or the bundle's exported program of it."""
+
+    def __init__(self, pair, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        self.pair = pair  # in eval mode already (an exported program refuses .eval())
         self.device = torch.device(device)
         self.dtype = dtype
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
         p = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.float32)).to(self.device)
         with _autocast(self.device, self.dtype):
-            pa = torch.softmax(self.a(x, p).float(), 1)
-            pb = torch.softmax(self.b(x, p).float(), 1)
-        return {"probs": (pa + pb).cpu().numpy(), "probs_a": pa.cpu().numpy(), "probs_b": pb.cpu().numpy()}
+            probs, pa, pb = self.pair(x, p)
+        return {"probs": probs.float().cpu().numpy(), "probs_a": pa.float().cpu().numpy(),
+                "probs_b": pb.float().cpu().numpy()}
 
 
 # ---- a bundle's graphs run by torch ------------------------------------------------
+def _load_program(bundle: Bundle, name: str, device):
+    return torch.export.load(str(bundle.file(bundle.graph(name)["torch"]))).module().to(device)
+
+
 class _ProgramNet:
     """The STCN stage methods backed by exported programs."""
 
     def __init__(self, bundle: Bundle, device):
-        def load(name):
-            return torch.export.load(str(bundle.file(bundle.graph(name)["torch"]))).module().to(device)
-
-        self._key, self._skip = load("stcn_key"), load("stcn_skip")
-        self._value, self._decode = load("stcn_value"), load("stcn_decode")
+        self._key, self._skip = _load_program(bundle, "stcn_key", device), _load_program(bundle, "stcn_skip", device)
+        self._value = _load_program(bundle, "stcn_value", device)
+        self._decode = _load_program(bundle, "stcn_decode", device)
 
     def eval(self):
         return self
@@ -121,20 +117,9 @@ class _ProgramNet:
         return self._decode(readout, qv, s8, s4)
 
 
-class _ProgramPair:
-    def __init__(self, bundle: Bundle, device):
-        self.m = torch.export.load(str(bundle.file(bundle.graph("reference")["torch"]))).module().to(device)
-
-    def __call__(self, x, p):
-        return self.m(x, p)
-
-
 def rebuild_networks(bundle: Bundle):
     """(net_a, net_b, stcn) from the manifest's configs and the safetensors weights."""
     from safetensors.torch import load_file
-
-    from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
-    from training.models.stcn import STCN_CONFIGS, build_stcn
 
     ref_name = bundle.manifest["configs"]["reference"]["name"]
     stcn_name = bundle.manifest["configs"]["stcn"]["name"]
@@ -168,27 +153,14 @@ def load_torch_backends(bundle: Bundle, *, device: str = "auto", threads: int | 
         if not programs or any("torch" not in bundle.graph(g) for g in
                                ("reference", "stcn_key", "stcn_skip", "stcn_value", "stcn_decode")):
             raise FileNotFoundError("no torch.export programs in the bundle")
-        stcn_net, pair = _ProgramNet(bundle, dev), _ProgramPair(bundle, dev)
-
-        class _Ref(TorchReference):
-            def __init__(self):
-                self.device, self.dtype = dev, dtype
-
-            @torch.inference_mode()
-            def __call__(self, images, positions):
-                x = torch.from_numpy(images).to(dev)
-                p = torch.from_numpy(positions.astype("float32")).to(dev)
-                s, pa, pb = pair(x, p)
-                return {"probs": s.float().cpu().numpy(), "probs_a": pa.float().cpu().numpy(),
-                        "probs_b": pb.float().cpu().numpy()}
-
-        ref = _Ref()
+        stcn_net = _ProgramNet(bundle, dev)
+        ref = TorchReference(_load_program(bundle, "reference", dev), dev, dtype)
     except Exception as exc:  # noqa: BLE001 - fall back to rebuilding from weights
         if programs:
             log.info("torch backend: rebuilding networks from weights (%s)", str(exc).splitlines()[0][:160])
         a, b, stcn_net = rebuild_networks(bundle)
         a, b, stcn_net = a.to(dev), b.to(dev), stcn_net.to(dev)
-        ref = TorchReference(a, b, dev, dtype)
+        ref = TorchReference(ReferencePair(a, b).eval(), dev, dtype)
         source = "weights"
     stcn = TorchStcnBackend(stcn_net, dev, dtype, stride=bundle.stride)
     info = {"backend": "torch", "device": str(dev), "source": source, "dtype": str(dtype or torch.float32),

@@ -10,7 +10,16 @@ aggregated logits. Validation propagates ground-truth masks from the largest-are
 of each organ through held-out volumes with the appliance's own engine (app.propagation)
 and compares with copying the nearest reference slice.
 
-    flare22 train-propagation --labelled DIR [--val DIR] --out DIR --config tiny --iterations 3000
+Optional pretraining stage (``--pretrain-iterations`` on ``--unlabelled`` folders), STCN's
+static-image stage done on what the semi-supervised setting has plenty of: unlabelled CT
+slices. A clip is one slice with two masks made from the image itself (a connected region
+of similar intensity, or a random smooth blob; training.data.self_mask) and three frames:
+the slice, and two random affine + elastic deformations of it (training.data.random_warp).
+No label is read. The learning rate is constant during pretraining; the main stage then
+runs its own schedule and curriculum, as without pretraining.
+
+    flare22 train-propagation --labelled DIR [--val DIR] --out DIR --config tiny --iterations 3000 \
+        [--unlabelled DIR[,DIR...] --pretrain-iterations 1000]
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ from app.labels import ORGANS
 from app.propagation import PropagationConfig
 from evaluation.scoring import dice
 from training import trainer as T
-from training.data import Volume, load_folder, slice_inputs, slice_labels
+from training.data import Volume, load_folder, random_warp, self_mask, slice_inputs, slice_labels, warp
 from training.losses import OhemLovaszLoss
 from training.models.stcn import STCN_CONFIGS, build_stcn
 from training.torch_backend import TorchStcnBackend
@@ -45,6 +54,8 @@ class PropagationTrainConfig(T.RunConfig):
     # (fraction of training where it starts, max skip): 3, 4, 5, 7, 3 as the authors' code
     curriculum: tuple[tuple[float, int], ...] = ((0.0, 3), (0.1, 4), (0.2, 5), (0.3, 7), (0.8, 3))
     flip: bool = True  # STCN is class-agnostic: a flip harms nothing here
+    unlabelled: str = ""  # comma-separated FLARE folders (images/ only is enough) for pretraining
+    pretrain_iterations: int = 0  # self-made-mask clips before the main stage
 
 
 def max_skip(it: int, cfg: PropagationTrainConfig) -> int:
@@ -96,14 +107,49 @@ class ClipSampler:
         if second > 0:
             target[lab == second] = 2
         first = np.stack([(target[0] == 1), (target[0] == 2)]).astype(np.float32)
-        if flip and self.rng.random() < 0.5:
-            img, target, first = img[..., ::-1], target[..., ::-1], first[..., ::-1]
-        if flip and self.rng.random() < 0.5:
-            img, target, first = img[..., ::-1, :], target[..., ::-1, :], first[..., ::-1, :]
-        return (np.ascontiguousarray(img), np.ascontiguousarray(first), np.ascontiguousarray(target))
+        return _flip(self.rng, flip, img, first, target)
 
     def batch(self, b: int, skip: int, size: int, flip: bool):
         clips = [self.clip(skip, size, flip) for _ in range(b)]
+        return tuple(np.stack(x) for x in zip(*clips))
+
+
+def _flip(rng, flip: bool, *arrays):
+    if flip and rng.random() < 0.5:
+        arrays = tuple(a[..., ::-1] for a in arrays)
+    if flip and rng.random() < 0.5:
+        arrays = tuple(a[..., ::-1, :] for a in arrays)
+    return tuple(np.ascontiguousarray(a) for a in arrays)
+
+
+class SelfMaskClipSampler:
+    """Pretraining clips from unlabelled volumes: one slice, a target and a second mask made
+    from the image, three frames (the slice and two random deformations of it)."""
+
+    def __init__(self, vols: list[Volume], seed: int):
+        if not vols:
+            raise ValueError("pretraining needs at least one unlabelled volume")
+        self.vols = vols
+        self.rng = np.random.default_rng(seed)
+
+    def clip(self, size: int, flip: bool):
+        vol = self.vols[int(self.rng.integers(len(self.vols)))]
+        z = int(self.rng.integers(vol.image.shape[0]))
+        img = slice_inputs(vol, np.array([z]), size)[0][0]
+        first = self_mask(img, self.rng)
+        second = self_mask(img, self.rng) & ~first
+        lab = first.astype(np.uint8) + 2 * (second if second.sum() >= 20 else np.zeros_like(second)).astype(np.uint8)
+        frames, labs = [img], [lab]
+        for _ in range(2):
+            f, l = warp(img, lab, random_warp((size, size), self.rng))
+            frames.append(f)
+            labs.append(l)
+        imgs, target = np.stack(frames), np.stack(labs).astype(np.int64)
+        mem = np.stack([target[0] == 1, target[0] == 2]).astype(np.float32)
+        return _flip(self.rng, flip, imgs, mem, target)
+
+    def batch(self, b: int, size: int, flip: bool):
+        clips = [self.clip(size, flip) for _ in range(b)]
         return tuple(np.stack(x) for x in zip(*clips))
 
 
@@ -154,6 +200,11 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
     use_amp = cfg.amp and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     sampler = ClipSampler(vols, cfg.seed * 1000 + info.rank)
+    pre = cfg.pretrain_iterations
+    synth = None
+    if pre > 0:
+        unl = [v for d in cfg.unlabelled.split(",") if d for v in load_folder(d, labelled=False, cache_dir=cache)]
+        synth = SelfMaskClipSampler(unl, cfg.seed * 1000 + 700 + info.rank)
     start, best = 0, -1.0
     if resume:
         net.load_state_dict(state["models"]["stcn"])
@@ -164,16 +215,23 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
         start, best = state["iteration"], state["best"] if state["best"] is not None else -1.0
         T.restore_rng(state)
         sampler.rng.bit_generator.state = state["extra"]["sampler"]
+        if synth is not None and state["extra"].get("synth"):
+            synth.rng.bit_generator.state = state["extra"]["synth"]
     model = DDP(net) if info.world > 1 else net
     loss_fn = OhemLovaszLoss()
     log = T.JsonLog(out_dir / "log.jsonl", info.main)
     if info.main and not resume:
         log.write(event="start", config=dataclasses.asdict(cfg), world=info.world, device=str(info.device))
-    bar = T.progress(cfg.iterations, start, disable=not (progress and info.main), desc="propagation")
+    total = pre + cfg.iterations
+    bar = T.progress(total, start, disable=not (progress and info.main), desc="propagation")
     net.train()
     last, t0 = {}, time.time()
-    for it in range(start, cfg.iterations):
-        frames, first, target = sampler.batch(cfg.batch, max_skip(it, cfg), size, cfg.flip)
+    for it in range(start, total):
+        pretraining = it < pre
+        if pretraining:
+            frames, first, target = synth.batch(cfg.batch, size, cfg.flip)
+        else:
+            frames, first, target = sampler.batch(cfg.batch, max_skip(it - pre, cfg), size, cfg.flip)
         x = torch.from_numpy(frames).to(info.device)
         m = torch.from_numpy(first).to(info.device)
         y = torch.from_numpy(target[:, 1:]).to(info.device)  # (B, 2, H, W)
@@ -186,40 +244,43 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
-        sched.step()
+        if not pretraining:  # the main stage's schedule is the same with or without pretraining
+            sched.step()
         bar.update(1)
-        last = {"loss": loss.item(), "max_skip": max_skip(it, cfg)}
+        last = {"loss": loss.item(), "stage": "pretrain" if pretraining else "main",
+                "max_skip": 0 if pretraining else max_skip(it - pre, cfg)}
         if info.main and ((it + 1) % cfg.log_every == 0 or it == start):
             log.write(event="train", iteration=it + 1, lr=opt.param_groups[0]["lr"], **last)
             bar.set_postfix(loss=f"{last['loss']:.3f}")
         stopping = (stop_after is not None and it + 1 >= stop_after) or (
             cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes)
-        is_last = it + 1 == cfg.iterations or stopping
-        if info.main and ((it + 1) % cfg.val_every == 0 or is_last):
-            if val:
+        is_last = it + 1 == total or stopping
+        if info.main and ((it + 1) % cfg.val_every == 0 or is_last or it + 1 == pre):
+            if val and not pretraining:
                 net.eval()
                 res = evaluate(net, val, size, info.device)
                 net.train()
                 log.write(event="val", iteration=it + 1, **res)
                 if res["mean_dsc"] > best:
                     best = res["mean_dsc"]
-                    _save(out_dir / "best.pt", cfg, it + 1, net, opt, sched, scaler, best, sampler)
-            _save(out_dir / "last.pt", cfg, it + 1, net, opt, sched, scaler, best, sampler)
+                    _save(out_dir / "best.pt", cfg, it + 1, net, opt, sched, scaler, best, sampler, synth)
+            _save(out_dir / "last.pt", cfg, it + 1, net, opt, sched, scaler, best, sampler, synth)
         if stopping:
             break
     bar.close()
     if info.main and not val and not stop_after:
         (out_dir / "best.pt").write_bytes((out_dir / "last.pt").read_bytes())
-    summary = {"iterations": it + 1 if cfg.iterations > start else start, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
+    summary = {"iterations": it + 1 if total > start else start, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
                "checkpoint": str(out_dir / "best.pt")}
     log.write(event="end", **summary)
     return summary
 
 
-def _save(path, cfg, it, net, opt, sched, scaler, best, sampler):
+def _save(path, cfg, it, net, opt, sched, scaler, best, sampler, synth=None):
     T.save_checkpoint(path, kind=KIND, config=cfg, iteration=it, models={"stcn": net}, optimizers={"stcn": opt},
                       schedulers={"stcn": sched}, scalers={"stcn": scaler}, best=best,
-                      extra={"sampler": sampler.rng.bit_generator.state})
+                      extra={"sampler": sampler.rng.bit_generator.state,
+                             "synth": synth.rng.bit_generator.state if synth is not None else None})
 
 
 def load_stcn(checkpoint):
@@ -234,7 +295,10 @@ def add_arguments(p) -> None:
     p.add_argument("--val", default="", help="labelled FLARE folder for validation")
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl")
     p.add_argument("--config", default="tiny", choices=sorted(STCN_CONFIGS))
-    p.add_argument("--iterations", type=positive_int, default=3000)
+    p.add_argument("--iterations", type=positive_int, default=3000, help="main-stage iterations (labelled clips)")
+    p.add_argument("--unlabelled", default="", help="comma-separated folders of unlabelled CT for pretraining")
+    p.add_argument("--pretrain-iterations", type=nonneg_int, default=0,
+                   help="self-made-mask pretraining iterations on --unlabelled before the main stage")
     p.add_argument("--batch", type=positive_int, default=4)
     p.add_argument("--lr", type=positive_float, default=1e-4)
     p.add_argument("--val-every", type=positive_int, default=500)
@@ -249,7 +313,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     cfg = PropagationTrainConfig(model=args.config, iterations=args.iterations, batch=args.batch, lr=args.lr,
                                  val_every=args.val_every, max_minutes=args.max_minutes, seed=args.seed, device=args.device,
-                                 labelled=args.labelled, val=args.val, cache_dir=args.cache_dir)
+                                 labelled=args.labelled, val=args.val, cache_dir=args.cache_dir,
+                                 unlabelled=args.unlabelled, pretrain_iterations=args.pretrain_iterations)
     s = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"propagation training done: best validation mean DSC {s['best_val_dsc']:.4f}; {s['checkpoint']}")
     return 0

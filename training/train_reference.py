@@ -25,12 +25,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from app.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, probability
 from app.labels import ORGANS
-from app.resize import resize_stack
+from app.predict import pair_labels
+from app.windowing import DEFAULT_WINDOWS
 from evaluation.scoring import dice
 from training import trainer as T
-from training.data import AugmentConfig, SliceSampler, Volume, load_folder, slice_inputs, slice_weights
+from training.data import AugmentConfig, SliceSampler, Volume, load_folder, slice_weights
 from training.losses import DiceCELoss, cross_pseudo_supervision
-from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
+from training.models.reference import REFERENCE_CONFIGS, ReferencePair, build_reference_pair
+from training.torch_backend import TorchReference
 
 KIND = "reference"
 CPS_LOSSES = ("dice", "ce")  # the paper's Dice, the CPS paper's cross-entropy
@@ -82,17 +84,13 @@ def cps_terms(logits, n_labelled: int, cfg: ReferenceTrainConfig):
                                     threshold=cfg.cps_threshold)
 
 
-@torch.no_grad()
-def predict_volume_probs(nets, vol: Volume, size: int, device, batch: int = 16) -> np.ndarray:
-    """Summed softmax of the pair on every slice, at the native in-plane size, argmax'd."""
-    n, h, w = vol.image.shape
-    out = np.zeros((n, h, w), np.uint8)
-    for i in range(0, n, batch):
-        z = np.arange(i, min(n, i + batch))
-        img, pos = slice_inputs(vol, z, size)
-        x, p = torch.from_numpy(img).to(device), torch.from_numpy(pos).to(device)
-        probs = sum(torch.softmax(net(x, p).float(), 1) for net in nets).cpu().numpy()
-        out[z] = resize_stack(probs, (h, w)).argmax(1)
+def predict_labels(nets, vol: Volume, size: int, device, batch: int = 16) -> np.ndarray:
+    """The pair's labels on every slice of a volume at its native in-plane size: the
+    appliance's dense mode (``app.predict.pair_labels``) with the live networks in torch."""
+    ref = TorchReference(ReferencePair(*nets), device)
+    out = np.zeros(vol.image.shape, np.uint8)
+    for z, labels in pair_labels(lambda x, p: ref(x, p)["probs"], vol.image, DEFAULT_WINDOWS, (size, size), batch):
+        out[z] = labels
     return out
 
 
@@ -106,7 +104,7 @@ def validate(nets, vols: list[Volume], size: int, device) -> dict:
         n.eval()
     per_organ: dict[int, list[float]] = {}
     for v in vols:
-        pred = predict_volume_probs(nets, v, size, device)
+        pred = predict_labels(nets, v, size, device)
         for o, d in organ_dsc(pred, np.asarray(v.labels)).items():
             per_organ.setdefault(o, []).append(d)
     for n in nets:

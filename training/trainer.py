@@ -24,7 +24,6 @@ import torch.distributed as dist
 class DistInfo:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -67,7 +66,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if want_cuda else "gloo")
-    return DistInfo(rank, world, local, dev)
+    return DistInfo(rank, world, dev)
 
 
 def seed_everything(seed: int) -> None:
@@ -157,11 +156,3 @@ def progress(total: int, initial: int, disable: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, disable=disable, desc=desc, dynamic_ncols=True, mininterval=1.0)
-
-
-def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.world > 1:
-        x = x.detach().clone()
-        dist.all_reduce(x)
-        x /= info.world
-    return x

@@ -4,18 +4,20 @@ from training.models.reference import (
     DeepLabConfig,
     DeepLabV3PlusPos,
     ReferenceConfig,
+    ReferencePair,
     TransUNet,
     TransUNetConfig,
     build_reference_pair,
     count_parameters,
 )
-from training.models.stcn import STCN, STCN_CONFIGS, STCNConfig, STCNStage, build_stcn
+from training.models.stcn import STCN, STCN_CONFIGS, STCNConfig, build_stcn
 
 __all__ = [
     "REFERENCE_CONFIGS",
     "DeepLabConfig",
     "DeepLabV3PlusPos",
     "ReferenceConfig",
+    "ReferencePair",
     "TransUNet",
     "TransUNetConfig",
     "build_reference_pair",
@@ -23,6 +25,5 @@ __all__ = [
     "STCN",
     "STCN_CONFIGS",
     "STCNConfig",
-    "STCNStage",
     "build_stcn",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "build_transunet",
     "build_deeplab",
     "build_reference_pair",
+    "ReferencePair",
     "position_plane",
     "count_parameters",
 ]
@@ -343,6 +344,22 @@ def build_reference_pair(
             f"differs from the pair's image_size {cfg.image_size}"
         )
     return TransUNet(cfg.transunet), DeepLabV3PlusPos(cfg.deeplab)
+
+
+class ReferencePair(nn.Module):
+    """The CPS pair as one module: (image, position) -> (summed softmax, member a's softmax,
+    member b's softmax), each (B, 14, H, W). The one definition of the pair's output: the
+    exported ``reference`` graph, training validation, pseudo-labelling and the torch
+    backend all run it."""
+
+    def __init__(self, net_a: nn.Module, net_b: nn.Module):
+        super().__init__()
+        self.a, self.b = net_a, net_b
+
+    def forward(self, image: torch.Tensor, position: torch.Tensor):
+        pa = torch.softmax(self.a(image, position).float(), 1)  # float: fp32 softmax under autocast
+        pb = torch.softmax(self.b(image, position).float(), 1)
+        return pa + pb, pa, pb
 
 
 def count_parameters(module: nn.Module) -> int:

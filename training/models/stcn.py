@@ -15,13 +15,15 @@ bookkeeping live in the application, not here. Shapes for one 512 x 512 slice wi
                                          -> logits (O,1,H,W)
     aggregate(probabilities (O,H,W))     -> logits (O+1,H,W), background first
 
-Every stage is a pure tensor function of its inputs (no Python-side state), so
-`STCNStage(net, name)` wraps any one of them as a module for `torch.onnx.export`.
+Every stage is a pure tensor function of its inputs (no Python-side state), so each is one
+exported graph (``export.graphs.GRAPHS`` wraps them). The memory read, ``topk_read``, is the
+one torch form of it: the network's training forward, ``read_memory`` and the torch backend
+use it; the appliance reads memory in numpy (``app.propagation.read_memory``).
 
 Differences from the original code: CBAM is left out of the value fusion block (as in
 the authors' code). Two exact rewrites: the decoder's skip convolutions depend only on the
 image, so they are `skip_features`, run once per slice instead of once per object; and
-`read_memory(method="gather")` can sum the k selected memory values instead of multiplying
+`topk_read(method="gather")` can sum the k selected memory values instead of multiplying
 by the mostly-zero dense affinity (the dense form is the default).
 """
 from __future__ import annotations
@@ -39,8 +41,7 @@ __all__ = [
     "STCNConfig",
     "STCN_CONFIGS",
     "STCN",
-    "STCNStage",
-    "STAGE_IO",
+    "topk_read",
     "ResBlock",
     "ResNetTrunk",
     "build_stcn",
@@ -225,6 +226,43 @@ def _up(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(x, scale_factor=float(factor), mode="bilinear", align_corners=False)
 
 
+def topk_read(
+    mem_keys: torch.Tensor,
+    mem_values: torch.Tensor,
+    query_key: torch.Tensor,
+    top_k: int,
+    *,
+    method: Literal["dense", "gather"] = "dense",
+) -> torch.Tensor:
+    """STCN's top-k memory readout, the one torch form of it.
+
+    mem_keys (..., Ck, N), mem_values (..., O, Cv, N), query_key (..., Ck, P) ->
+    readout (..., O, Cv, P); leading dimensions are a batch of independent memories.
+    affinity(m, q) = (2 k_m.k_q - |k_m|^2) / sqrt(Ck); the top_k largest over m are
+    softmax-normalised and weight the memory values (all of them when N < top_k).
+
+    `method="dense"` (STCN's form) scatters the k weights into an N x P matrix and
+    multiplies: O*Cv*N*P multiply-adds, BLAS-fast, best for short memories.
+    `method="gather"` (no batch dimensions) sums the k selected memory values: O*Cv*k*P
+    work independent of N, but bound by memory traffic (on two CPU cores it only wins from
+    about 40 frames of memory; the GPU backend uses it).
+    """
+    ck = query_key.shape[-2]
+    mk = mem_keys.float()
+    affinity = (2 * (mk.transpose(-1, -2) @ query_key.float()) - mk.pow(2).sum(-2).unsqueeze(-1)) / math.sqrt(ck)
+    k = min(top_k, affinity.shape[-2])
+    top_values, top_index = affinity.topk(k, dim=-2)  # (..., k, P)
+    weights = top_values.softmax(dim=-2).to(mem_values.dtype)
+    if method == "dense":
+        dense = torch.zeros_like(affinity, dtype=mem_values.dtype).scatter(-2, top_index, weights)  # (..., N, P)
+        return (mem_values.flatten(-3, -2) @ dense).unflatten(-2, mem_values.shape[-3:-1])
+    if method == "gather":
+        if mem_values.dim() != 3:
+            raise ValueError("read method 'gather' takes one memory: mem_values (O, Cv, N)")
+        return (mem_values[:, :, top_index] * weights).sum(dim=2)  # (O, Cv, k, P) -> (O, Cv, P)
+    raise ValueError(f"read method must be 'dense' or 'gather', got {method!r}")
+
+
 def aggregate(probabilities: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Soft aggregation of per-object probabilities into log-odds with background first.
 
@@ -331,33 +369,13 @@ class STCN(nn.Module):
         softmax-normalised and weight the memory values. The exported graph bakes top_k
         in and needs N >= top_k (true from one frame at 128 x 128 for k = 20).
 
-        `method="dense"` (STCN's form) scatters the k weights into an N x HW matrix and
-        multiplies: O*Cv*N*HW multiply-adds, BLAS-fast, best for short memories.
-        `method="gather"` sums the k selected memory rows: O*Cv*k*HW work independent of T,
-        but bound by memory traffic (on two CPU cores it only wins from about T = 40).
+        See `topk_read` for the two methods.
         """
         top_k = self.cfg.top_k if top_k is None else top_k
         ck = query_key.shape[0]
-        mk = mem_keys.reshape(ck, -1)  # (Ck, N)
-        qk = query_key.reshape(ck, -1)  # (Ck, HW)
-        affinity = (2 * (mk.transpose(0, 1) @ qk) - mk.pow(2).sum(0).unsqueeze(1)) / math.sqrt(ck)
-        k = min(top_k, affinity.shape[0])
-        top_values, top_index = affinity.topk(k, dim=0)  # (k, HW)
-        weights = top_values.softmax(dim=0)
-        mv = mem_values.flatten(2)  # (O, Cv, N)
-        o, cv = mv.shape[0], mv.shape[1]
-        if method == "dense":
-            dense = torch.zeros_like(affinity).scatter(0, top_index, weights)  # (N, HW)
-            readout = mv @ dense
-        elif method == "gather":
-            rows = mv.flatten(0, 1).transpose(0, 1)  # (N, O*Cv): one row per memory position
-            readout = rows.index_select(0, top_index[0]) * weights[0].unsqueeze(1)
-            for j in range(1, k):
-                readout = readout + rows.index_select(0, top_index[j]) * weights[j].unsqueeze(1)
-            readout = readout.transpose(0, 1)  # (O*Cv, HW)
-        else:
-            raise ValueError(f"read_memory method must be 'dense' or 'gather', got {method!r}")
-        return readout.reshape(o, cv, *query_key.shape[1:])
+        readout = topk_read(mem_keys.reshape(ck, -1), mem_values.flatten(2), query_key.reshape(ck, -1), top_k,
+                            method=method)
+        return readout.reshape(*readout.shape[:2], *query_key.shape[1:])
 
     def decode(
         self, readout: torch.Tensor, qv: torch.Tensor, s8: torch.Tensor, s4: torch.Tensor
@@ -397,17 +415,11 @@ class STCN(nn.Module):
 
         # All clips of the batch at once: one value / decoder call per frame, batched reads.
         mem_k, mem_v = [key[:, 0]], [values(0, first_masks)]
-        ck = key.shape[2]
         logits = []
         for j in range(1, t):
             mk = torch.stack(mem_k, 2).flatten(2)  # (b, Ck, N)
             mv = torch.stack(mem_v, 3).flatten(3)  # (b, o, Cv, N)
-            qk = key[:, j].flatten(2)  # (b, Ck, P)
-            affinity = (2 * mk.transpose(1, 2) @ qk - mk.pow(2).sum(1).unsqueeze(2)) / math.sqrt(ck)
-            k = min(top_k, affinity.shape[1])
-            top_values, top_index = affinity.topk(k, dim=1)  # (b, k, P)
-            dense = torch.zeros_like(affinity).scatter(1, top_index, top_values.softmax(dim=1))
-            readout = (mv.flatten(1, 2) @ dense).unflatten(1, (o, -1))  # (b, o, Cv, P)
+            readout = topk_read(mk, mv, key[:, j].flatten(2), top_k)  # (b, o, Cv, P)
             readout = readout.flatten(0, 1).unflatten(2, key.shape[-2:])  # (b*o, Cv, h, w)
             obj = self.decode(readout, per_obj(qv[:, j]), per_obj(s8[:, j]), per_obj(s4[:, j]))
             agg = aggregate(torch.sigmoid(obj[:, 0]).unflatten(0, (b, o)), dim=1)  # (b, o+1, H, W)
@@ -416,38 +428,6 @@ class STCN(nn.Module):
                 mem_k.append(key[:, j])
                 mem_v.append(values(j, agg.softmax(1)[:, 1:]))
         return torch.stack(logits, 1)
-
-
-# --------------------------------------------------------------------------- export helpers
-
-# Stage -> (input names, output names), for torch.onnx.export of an `STCNStage`.
-STAGE_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "encode_key": (("image",), ("key", "query_value", "f16", "f8", "f4")),
-    # `others` is optional: export with the first three inputs to compute it in the graph.
-    "encode_value": (("image", "f16", "masks", "others"), ("values",)),
-    "skip_features": (("f8", "f4"), ("s8", "s4")),
-    "read_memory": (("mem_keys", "mem_values", "query_key"), ("readout",)),
-    "decode": (("readout", "query_value", "s8", "s4"), ("logits",)),
-    "aggregate": (("probabilities",), ("logits",)),
-}
-
-
-class STCNStage(nn.Module):
-    """One STCN stage as a module (for export): forward(*inputs) = net.<stage>(*inputs, **kw)."""
-
-    def __init__(self, net: STCN, stage: str, **kwargs):
-        super().__init__()
-        if stage not in STAGE_IO:
-            raise ValueError(f"unknown STCN stage {stage!r}; known: {list(STAGE_IO)}")
-        self.net = net
-        self.stage = stage
-        self.kwargs = kwargs
-        # A new module starts in training mode; take the network's mode instead, since
-        # export switches the wrapper (and so the network) back to it afterwards.
-        self.train(net.training)
-
-    def forward(self, *inputs: torch.Tensor):
-        return getattr(self.net, self.stage)(*inputs, **self.kwargs)
 
 
 def build_stcn(config: str | STCNConfig = "paper") -> STCN:
