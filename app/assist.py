@@ -262,9 +262,23 @@ def _parse_slices(text: str | None, annotations: np.ndarray, path: str) -> list[
             slices = sorted({int(s) for s in text.split(",") if s.strip()})
         except ValueError:
             raise InputError(path, f"--slices must be comma-separated integers, got {text!r}") from None
+        n = annotations.shape[0]
+        if any(not 0 <= t < n for t in slices):
+            return slices  # the caller names the slices out of range
+        blank = [t for t in slices if not annotations[t].any()]
+        drawn = [t for t in range(n) if annotations[t].any()]
+        if blank:
+            raise InputError(path, f"--slices {blank} hold no annotation (drawn slices: {drawn or 'none'})")
+        unlisted = [t for t in drawn if t not in slices]
+        if unlisted:
+            raise InputError(path, f"slices {unlisted} hold annotations but are not in --slices: they would be "
+                                   "overwritten; list them or clear them")
     else:
         slices = [t for t in range(annotations.shape[0]) if annotations[t].any()]
     return slices
+
+
+OUT_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 
 
 def add_arguments(p) -> None:
@@ -286,6 +300,8 @@ def run(args) -> int:
     from .bundle import load_bundle
 
     try:
+        if not str(args.out).endswith(OUT_SUFFIXES):
+            raise InputError(args.out, f"--out needs an image extension ({', '.join(OUT_SUFFIXES)})")
         volume, props = read_ct(args.image)
         ann, aprops = read_ct(args.annotations, label=True)
         check_same_grid(aprops, props, what=f"annotations {args.annotations}")

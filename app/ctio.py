@@ -286,8 +286,10 @@ def _voxel_bytes(reader: sitk.ImageFileReader) -> int:
     return count * reader.GetNumberOfComponents() * one.GetSizeOfPixelComponent()
 
 
-def _read_image(path: Path) -> sitk.Image:
-    """Header first (dimensions, spacing, voxel count, file size), then the voxels."""
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """A 3D scalar image, header first (dimensions, spacing, voxel count against the file's
+    size), then the voxels: every problem an InputError naming the file."""
+    path = Path(path)
     reader = _open_image(path)
     _check_header(path, reader)
     _check_size(path, reader)
@@ -300,7 +302,7 @@ def _read_image(path: Path) -> sitk.Image:
 def read_ct(path: str | os.PathLike, *, label: bool = False) -> tuple[np.ndarray, CTProperties]:
     """Read a 3D CT (or, with ``label=True``, a label map) into the canonical orientation."""
     path = Path(path)
-    img = _read_image(path)
+    img = read_image(path)
     src_axes, flips, oblique = _canonical_mapping(img.GetDirection())
     array = sitk.GetArrayFromImage(img)
     nonfinite = 0

@@ -70,9 +70,12 @@ MODES = {
     "largest": "STCN from each organ's largest-area sampled slice, with the cost switches on",
     "published": "STCN from each organ's largest-area sampled slice, the paper's propagation",
     "reliable": "STCN from every sampled slice where the pair is reliable, votes weighted by distance",
-    "fused": "the reliable STCN fused with interpolation",
+    "fused": "the reliable STCN fused with interpolation (organs STCN does not carry keep interpolation's)",
 }
-DEFAULT_MODE = "largest"  # when neither the command line nor the bundle's manifest names one
+# The default run (docs/method.md, "Choosing the default"): the mode and sampling a bundle
+# gets from `flare22 export` unless told otherwise, and what a manifest without them runs.
+DEFAULT_SAMPLING = {"mode": "largest", "every": 5, "max": 64}
+DEFAULT_MODE = DEFAULT_SAMPLING["mode"]
 LEGACY_MODES = {"propagate": "largest"}  # the name of the largest-area pipeline before the modes
 SAMPLING_KEYS = ("every", "max")  # --propagation-option keys that set the sampling, not the engine
 
@@ -101,7 +104,8 @@ def resolve_settings(manifest: dict, mode: str | None, overrides: dict) -> tuple
     cfg = cfg.with_overrides(engine)
     if mode == "published":
         cfg = cfg.with_overrides(PUBLISHED)
-    return mode, {"every": int(sampling.get("every", 5)), "max": int(sampling.get("max", 64))}, cfg
+    every, maximum = sampling.get("every", DEFAULT_SAMPLING["every"]), sampling.get("max", DEFAULT_SAMPLING["max"])
+    return mode, {"every": int(every), "max": int(maximum)}, cfg
 
 
 def pair_labels(probs_fn, volume: np.ndarray, windows, hw: tuple[int, int], batch: int = 8):
@@ -341,7 +345,11 @@ class Predictor:
                 a = (t - cands[lo]) / (cands[hi] - cands[lo])
                 dist = (1 - a) * probs[lo].astype(np.float32) + a * probs[hi].astype(np.float32)
             if result is not None:
-                stcn = organ_distribution(result.organ_probs(t))
+                organs = result.organ_probs(t)
+                if dist is not None:  # fused: organs no pass carried here keep interpolation's
+                    silent = result.votes[t] == 0
+                    organs[silent] = dist[1:][silent]
+                stcn = organ_distribution(organs)
                 fw = self.prop.fuse_weight
                 dist = stcn if dist is None else fw * stcn + (1 - fw) * dist
             labels[t] = argmax_resized(dist, (h, w))

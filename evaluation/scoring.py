@@ -43,6 +43,7 @@ import functools
 import itertools
 import math
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -51,6 +52,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from app.argtypes import existing_dir, positive_int
+from app.ctio import read_image
 from app.errors import InputError
 from app.labels import AXIAL_CROP_ORGANS, NSD_TOLERANCE_MM, ORGANS
 
@@ -341,6 +343,7 @@ class EvaluationSummary:
     mean_nsd: float
     out_csv: Path
     extra_predictions: list[str]  # prediction files without a ground truth (not scored)
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, problem), keep_going only
 
     @property
     def missing(self) -> list[str]:
@@ -361,27 +364,18 @@ class EvaluationSummary:
 
 
 def _read_labels(path: Path) -> sitk.Image:
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        reason = str(err).strip().splitlines()[-1]
-        raise InputError(path, f"cannot be read as an image ({reason})") from err
-    dimension, channels = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
-    if dimension != 3 or channels != 1:
-        raise InputError(path, f"expected a 3-D single-channel label image, "
-                               f"got {dimension}-D with {channels} channels")
-    return image
+    return read_image(path)  # 3-D, one channel, sizes checked before any allocation
 
 
 def _label_array(image: sitk.Image, path: Path) -> np.ndarray:
     array = sitk.GetArrayFromImage(image)
-    if array.dtype == np.uint8:
+    if array.dtype == np.uint8 and (not array.size or array.max() <= max(ORGANS)):
         return array
     if array.dtype.kind == "f":
         array = np.rint(array)
-    if array.size and (array.min() < 0 or array.max() > 255):
-        raise InputError(
-            path, f"label values must lie in 0..255, found {array.min()}..{array.max()}")
+    if array.size and (array.min() < 0 or array.max() > max(ORGANS)):
+        raise InputError(path, f"label values must lie in 0..{max(ORGANS)} (FLARE22 organs), "
+                               f"found {array.min()}..{array.max()}")
     return array.astype(np.uint8)
 
 
@@ -480,12 +474,14 @@ def evaluate_folders(
     *,
     workers: int = 1,
     official_crop_off_by_one: bool = False,
+    keep_going: bool = False,
 ) -> EvaluationSummary:
     """Score every ``<case>.nii.gz`` of ``gt_dir`` against the same name in ``pred_dir``.
 
     Cases run in ``workers`` processes (1: in this process). Writes the CSV (module
     docstring) and returns the summary. Raises InputError for an unreadable file or a
-    prediction that is not on its ground truth's grid.
+    prediction that is not on its ground truth's grid; with ``keep_going`` such cases are
+    left out of the CSV and listed in ``summary.failed`` instead.
     """
     pred_dir, gt_dir, out_csv = Path(pred_dir), Path(gt_dir), Path(out_csv)
     for folder, role in ((gt_dir, "ground-truth"), (pred_dir, "prediction")):
@@ -513,13 +509,14 @@ def evaluate_folders(
             results = []
             for future in futures:
                 results.append(future.result())
-                if isinstance(results[-1], tuple):  # an input error: stop early
+                if isinstance(results[-1], tuple) and not keep_going:  # an input error: stop early
                     for f in futures:
                         f.cancel()
                     break
-    for result in results:
-        if isinstance(result, tuple):
-            raise InputError(*result)
+    failed = [r for r in results if isinstance(r, tuple)]
+    if failed and not keep_going:
+        raise InputError(*failed[0])
+    results = [r for r in results if not isinstance(r, tuple)]
 
     _write_csv(results, out_csv)
     organ_means = {}
@@ -535,6 +532,7 @@ def evaluate_folders(
         mean_nsd=_nanmean(everything[1]),
         out_csv=out_csv,
         extra_predictions=extra,
+        failed=failed,
     )
 
 
@@ -555,8 +553,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = evaluate_folders(args.pred, args.gt, args.out, workers=args.workers,
-                               official_crop_off_by_one=args.official_off_by_one)
-    print(summary.table())
-    print(f"wrote {summary.out_csv}")
-    return 0
+    """Exit 0: every case scored; 1: some cases could not be scored (one line each, the
+    others in the CSV); 2: nothing could be scored (one line)."""
+    try:
+        summary = evaluate_folders(args.pred, args.gt, args.out, workers=args.workers,
+                                   official_crop_off_by_one=args.official_off_by_one, keep_going=True)
+    except (InputError, OSError) as err:
+        print(f"flare22 evaluate: {err}", file=sys.stderr)
+        return 2
+    for path, problem in summary.failed:
+        print(f"flare22 evaluate: {path}: {problem}", file=sys.stderr)
+    if summary.cases:
+        print(summary.table())
+    print(f"wrote {summary.out_csv}" + (f" ({len(summary.failed)} cases not scored)" if summary.failed else ""))
+    return 1 if summary.failed else 0

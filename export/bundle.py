@@ -39,7 +39,7 @@ from app.bundle import FORMAT, FORMAT_VERSION, load_bundle, sha256_file
 from app.errors import Flare22Error
 from app.labels import CLASS_NAMES
 from app.propagation import PropagationConfig, read_memory
-from app.predict import DEFAULT_MODE, MODES, propagation_option
+from app.predict import DEFAULT_MODE, DEFAULT_SAMPLING, MODES, propagation_option
 from app.windowing import DEFAULT_WINDOWS
 from export.graphs import GRAPHS, Dims, Graph, Stage, count_macs, modules, stcn_channels
 from training.models.reference import REFERENCE_CONFIGS, build_reference_pair
@@ -331,7 +331,7 @@ def base_manifest(hw, prop: PropagationConfig | None = None, sampling: dict | No
         "input_size": list(hw),
         "stride": 16,
         "position_encoding": "relative_z_plane: z / num_slices as a constant plane before the segmentation head",
-        "sampling": sampling or {"every": 5, "max": 64},
+        "sampling": sampling or dict(DEFAULT_SAMPLING),
         "selection": "largest_area",
         "propagation": (prop or PropagationConfig()).to_json(),
     }
@@ -355,8 +355,10 @@ def add_arguments(p) -> None:
                    help="replace the bundle already in --out (a folder holding anything else is never touched)")
     p.add_argument("--fp16", action="store_true", help="also write fp16 ONNX graphs for GPUs")
     p.add_argument("--no-programs", action="store_true", help="skip the torch.export programs")
-    p.add_argument("--every", type=positive_int, default=5, help="reference candidates: every n-th slice")
-    p.add_argument("--max-candidates", type=positive_int, default=64)
+    p.add_argument("--every", type=positive_int, default=DEFAULT_SAMPLING["every"],
+                   help=f"sampled slices: every n-th (default {DEFAULT_SAMPLING['every']})")
+    p.add_argument("--max-candidates", type=positive_int, default=DEFAULT_SAMPLING["max"],
+                   help=f"at most this many sampled slices (default {DEFAULT_SAMPLING['max']})")
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
                    help=f"the pipeline mode the bundle runs by default (manifest sampling.mode; default {DEFAULT_MODE})")
     p.add_argument("--propagation-option", action="append", default=[], type=propagation_option,

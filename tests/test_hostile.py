@@ -437,6 +437,132 @@ def predict_sh_from_folder_with_app(s: Scene) -> Expect:
 
 
 # ---------------------------------------------------------------------------------------
+# 9: evaluate: a bad case is one line, the others are still scored into the CSV
+
+
+def _labels(path: Path, value: int = 1, spacing=(1.0, 1.0, 2.0), dtype="uint8") -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    a = np.zeros((6, 8, 8), dtype)
+    a[2:4, 2:6, 2:6] = value
+    img = sitk.GetImageFromArray(a)
+    img.SetSpacing(spacing)
+    sitk.WriteImage(img, str(path))
+
+
+def evaluate_bad_case(make_bad: Callable[[Path], None], message: str):
+    def prepare(s: Scene) -> Expect:
+        gt, pred = s.root / "gt", s.root / "pred"
+        gt.mkdir()
+        pred.mkdir()
+        for c in ("A", "B"):
+            _labels(gt / f"{c}.nii.gz")
+        _labels(pred / "A.nii.gz")
+        make_bad(pred / "B.nii.gz")
+        csv = s.root / "scores.csv"
+
+        def check(o, e):
+            rows = csv.read_text().splitlines()
+            assert [r.split(",")[0] for r in rows[1:]] == ["A"]
+
+        return Expect(["evaluate", "--pred", pred, "--gt", gt, "--out", csv, "--workers", "1"], 1, message, check)
+
+    return prepare
+
+
+def evaluate_no_ground_truth(s: Scene) -> Expect:
+    (s.root / "gt").mkdir()
+    (s.root / "pred").mkdir()
+    return Expect(["evaluate", "--pred", s.root / "pred", "--gt", s.root / "gt", "--out", s.root / "x.csv"], 2,
+                  "no ground-truth files")
+
+
+# ---------------------------------------------------------------------------------------
+# 10: propagate: blank --slices and an --out without an image extension
+
+
+def _assist_scene(s: Scene) -> tuple[Path, Path]:
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = s.cases / "Phantom_0001_0000.nii.gz"
+    ct = sitk.ReadImage(str(image))
+    ann = np.zeros(sitk.GetArrayFromImage(ct).shape, np.uint8)
+    ann[10, 10:20, 10:20] = 1
+    lab = sitk.GetImageFromArray(ann)
+    lab.CopyInformation(ct)
+    sitk.WriteImage(lab, str(s.root / "ann.nii.gz"))
+    return image, s.root / "ann.nii.gz"
+
+
+def propagate_blank_slices(s: Scene) -> Expect:
+    image, ann = _assist_scene(s)
+    out = s.root / "filled.nii.gz"
+    return Expect(["propagate", "--image", image, "--annotations", ann, "--out", out, "--mode", "nearest",
+                   "--slices", "3,4"], 2, "--slices [3, 4] hold no annotation (drawn slices: [10])",
+                  lambda o, e: not out.exists() or pytest.fail("written"))
+
+
+def propagate_out_without_extension(s: Scene) -> Expect:
+    image, ann = _assist_scene(s)
+    return Expect(["propagate", "--image", image, "--annotations", ann, "--out", s.root / "filled.xyz",
+                   "--mode", "nearest"], 2, "--out needs an image extension")
+
+
+# ---------------------------------------------------------------------------------------
+# 11: report folder, counter, hidden names, Ctrl-C
+
+
+def report_dir_not_writable(s: Scene) -> Expect:
+    inp = s.input_folder("Good_0000.nii.gz")
+    blocker = s.root / "reports"
+    blocker.write_text("a file where the report folder should be")
+    return Expect(["predict", "-i", inp, "-o", s.root / "out", "--bundle", s.bundle, "--report-dir", blocker], 2,
+                  f"report folder {blocker} cannot be written")
+
+
+def counter_with_failures(s: Scene) -> Expect:
+    inp = s.input_folder("B_0000.nii.gz", "D_0000.nii.gz")
+    for bad in ("A_0000.nii.gz", "C_0000.nii.gz"):
+        (inp / bad).write_bytes(b"\x1f\x8b not an image")
+    (inp / "..x_0000.nii.gz").write_bytes(b"hidden")
+
+    def check(o, e):
+        counters = sorted(ln.split("]")[0] + "]" for ln in (o + e).splitlines() if ln.startswith("["))
+        assert counters == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"], o + e
+        assert "skipping" in e and "..x_0000.nii.gz" in e
+
+    return Expect(["predict", "-i", inp, "-o", s.root / "out", "--bundle", s.bundle, "--threads", "1"], 1,
+                  "A: FAILED", check, subprocess=True)  # its own process: the warning goes through logging
+
+
+def _interrupt_after_first_case(s: Scene, signum) -> Expect:
+    import signal as _signal
+    import time
+
+    from evaluation.phantom import write_dataset
+
+    write_dataset(s.root / "long", 3, seed=5, shape_zyx=(60, 64, 64), unlabeled=True)
+    out = s.root / "out"
+    proc = subprocess.Popen([PY, "-m", "flare22", "predict", "-i", str(s.root / "long" / "images"), "-o", str(out),
+                             "--bundle", str(s.bundle), "--threads", "1"], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not (out.is_dir() and any(out.glob("*.json"))):
+        assert proc.poll() is None and time.monotonic() - t0 < 120, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    o, e = proc.communicate(timeout=120)
+    assert "Traceback" not in o + e, e
+    assert proc.returncode == 128 + signum, (proc.returncode, e)
+    assert [ln for ln in e.splitlines() if ln.startswith("flare22")] == [
+        ln for ln in e.splitlines() if f"interrupted by {_signal.Signals(signum).name}" in ln], e
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    return Expect(["predict", "--help"], 0)  # the run above is the reproduction
+
+
+# ---------------------------------------------------------------------------------------
 # the table: (issue item, name, scene -> expectation)
 
 ROWS: list[tuple[int, str, Callable[[Scene], Expect]]] = [
@@ -478,6 +604,18 @@ ROWS: list[tuple[int, str, Callable[[Scene], Expect]]] = [
     (8, "non-ONNX bytes with a matching hash", bad_bundle(_not_onnx, "stcn_skip.onnx is not an ONNX model")),
     (11, "header claims 1024^3 / 4096^3 voxels; zero spacing", header_claims_huge_volume),
     (11, "umask 077: every output 0644", outputs_mode_under_umask),
+    (9, "evaluate: prediction off the ground truth's grid",
+     evaluate_bad_case(lambda p: _labels(p, spacing=(1.0, 1.0, 3.0)), "prediction spacing")),
+    (9, "evaluate: a label of 300", evaluate_bad_case(lambda p: _labels(p, 300, dtype="int16"), "must lie in 0..13")),
+    (9, "evaluate: a label of 20 (14..255)", evaluate_bad_case(lambda p: _labels(p, 20), "must lie in 0..13")),
+    (9, "evaluate: an unreadable prediction", evaluate_bad_case(lambda p: p.write_bytes(b"junk"), "B.nii.gz")),
+    (9, "evaluate: no ground-truth files", evaluate_no_ground_truth),
+    (10, "propagate --slices naming blank slices", propagate_blank_slices),
+    (10, "propagate --out without an image extension", propagate_out_without_extension),
+    (11, "--report-dir not writable", report_dir_not_writable),
+    (11, "[i/N] counter with failing cases; a hidden ..x_0000 name", counter_with_failures),
+    (11, "Ctrl-C", lambda s: _interrupt_after_first_case(s, 2)),
+    (11, "SIGTERM", lambda s: _interrupt_after_first_case(s, 15)),
 ]
 
 
