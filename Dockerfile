@@ -24,8 +24,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /opt/flare22
 COPY requirements.txt .
+# Bytecode compiled here, once: without it every container start (every case) recompiled
+# numpy, scipy and onnxruntime's Python files (10.7 s of imports instead of 4.8 s, measured).
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --no-compile -r requirements.txt
+    && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
 
 # The appliance only: no torch, no training or export code. Weights are baked in.
 COPY app/ app/
@@ -35,7 +37,8 @@ COPY docker/predict.sh /workspace/predict.sh
 
 # Runs as root, as the organisers' own examples do: their FLARE22 script creates outputs/ as
 # root with mode 0755, which no other user can write. Files are written 0644 (umask 022).
-RUN mkdir -p /workspace/inputs /workspace/outputs \
+RUN /opt/venv/bin/python -m compileall -q /opt/flare22/app \
+    && mkdir -p /workspace/inputs /workspace/outputs \
     && chmod -R a+rX /opt/flare22 /workspace
 WORKDIR /workspace
 CMD ["sh", "/workspace/predict.sh"]

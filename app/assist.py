@@ -171,6 +171,63 @@ def fuse(interp: ShapeInterpolator, result, t: int, hw: tuple[int, int], cfg: Fu
     return np.concatenate([[0], ids]).astype(np.uint8)[win]
 
 
+def fill_modes(
+    backend,
+    volume: np.ndarray,
+    annotations: np.ndarray,
+    slices: list[int],
+    hw: tuple[int, int],
+    modes: list[str],
+    *,
+    windows=DEFAULT_WINDOWS,
+    config: PropagationConfig | None = None,
+    fusion: FusionConfig | None = None,
+    variants: dict[str, FusionConfig] | None = None,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Every mode in ``modes`` from one engine run: {mode: (N, h, w) labels} and stats.
+    ``variants`` adds more fused fillings, one per named FusionConfig (for tuning)."""
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"mode must be one of {MODES}, got {bad[0]!r}")
+    n, h, w = volume.shape
+    slices = sorted(int(t) for t in slices)
+    fusion = fusion or FusionConfig()
+    fusions = {"fused": fusion} if "fused" in modes else {}
+    fusions.update(variants or {})
+    out: dict[str, np.ndarray] = {}
+    stats: dict = {"seconds": {}}
+    for mode in ("nearest", "interp"):
+        if mode in modes:
+            t0 = time.perf_counter()
+            out[mode] = (nearest_copy(annotations, slices) if mode == "nearest"
+                         else interpolate(annotations, slices, vanish=fusion.vanish))
+            stats["seconds"][mode] = time.perf_counter() - t0
+    if "stcn" in modes or fusions:
+        t0 = time.perf_counter()
+        refs = {t: resize_labels_nearest(annotations[t], hw).astype(np.uint8) for t in slices}
+
+        def get(idx):
+            return resize_stack(window_slices(volume[np.asarray(idx)], windows), hw)
+
+        engine = PropagationEngine(backend, config or PropagationConfig(), num_organs=NUM_CLASSES - 1)
+        result = engine.run(n, hw, get, refs)
+        stats["engine"] = result.stats.to_json()
+        engine_s = time.perf_counter() - t0
+        todo = (["stcn"] if "stcn" in modes else []) + list(fusions)
+        for name in todo:
+            t0 = time.perf_counter()
+            if name == "stcn":
+                out[name] = np.stack([result.labels(t, (h, w)) for t in range(n)])
+            else:
+                cfg = fusions[name]
+                si = ShapeInterpolator(annotations, slices, vanish=cfg.vanish)
+                out[name] = np.stack([fuse(si, result, t, (h, w), cfg) for t in range(n)])
+            stats["seconds"][name] = engine_s + time.perf_counter() - t0
+    for labels in out.values():
+        labels[slices] = annotations[slices]
+    return {k: v.astype(np.uint8) for k, v in out.items()}, stats
+
+
 def propagate_annotations(
     backend,
     volume: np.ndarray,
@@ -188,39 +245,15 @@ def propagate_annotations(
     ``mode``: ``nearest`` (copy the nearest drawn slice), ``interp`` (shape-based
     interpolation), ``stcn`` (the propagation engine alone), ``fused`` (STCN fused with the
     interpolation). The first two need no backend."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    n, h, w = volume.shape
-    slices = sorted(int(t) for t in slices)
-    fusion = fusion or FusionConfig()
-    t0 = time.perf_counter()
-    stats: dict = {"mode": mode}
-    if mode == "nearest":
-        out = nearest_copy(annotations, slices)
-    elif mode == "interp":
-        out = interpolate(annotations, slices, vanish=fusion.vanish)
-    else:
-        refs = {t: resize_labels_nearest(annotations[t], hw).astype(np.uint8) for t in slices}
-
-        def get(idx):
-            return resize_stack(window_slices(volume[np.asarray(idx)], windows), hw)
-
-        engine = PropagationEngine(backend, config or PropagationConfig(), num_organs=NUM_CLASSES - 1)
-        result = engine.run(n, hw, get, refs)
-        si = ShapeInterpolator(annotations, slices, vanish=fusion.vanish)
-        out = np.zeros_like(annotations, dtype=np.uint8)
-        for t in range(n):
-            if t in refs:
-                out[t] = annotations[t]
-            elif mode == "stcn":
-                out[t] = result.labels(t, (h, w))
-            else:
-                out[t] = fuse(si, result, t, (h, w), fusion)
-        stats["engine"] = result.stats.to_json()
-    out[slices] = annotations[slices]
-    seconds = time.perf_counter() - t0
-    stats.update({"seconds": seconds, "seconds_per_slice": seconds / max(1, n - len(slices)), "references": slices})
-    return out, stats
+    filled, st = fill_modes(backend, volume, annotations, slices, hw, [mode], windows=windows, config=config,
+                            fusion=fusion)
+    n = volume.shape[0]
+    seconds = st["seconds"][mode]
+    stats = {"mode": mode, "seconds": seconds, "seconds_per_slice": seconds / max(1, n - len(set(slices))),
+             "references": sorted(int(t) for t in slices)}
+    if "engine" in st:
+        stats["engine"] = st["engine"]
+    return filled[mode], stats
 
 
 def _parse_slices(text: str | None, annotations: np.ndarray, path: str) -> list[int]:

@@ -14,10 +14,10 @@ CUDA arena grows by what is requested (``kSameAsRequested``, not doubling) up to
 ``FLARE22_GPU_MEM_MB`` (default 4096 MiB), since GPU memory is scored; convolution algorithms
 are picked by heuristic, not by an exhaustive search per new crop shape.
 
-Memory read: the bundle's ``stcn_read`` graph where the bundle has it and the memory holds
-at least its baked-in ``top_k`` entries (on the CPU provider it beat the numpy read at every
-memory size measured, 1.4-6x, see docs/efficiency.md; on CUDA it runs on the device, which
-is unmeasured), else the numpy read of :mod:`app.propagation`.
+Memory read: the bundle's ``stcn_read`` graph where the bundle has one (bundles exported
+before ``export.graphs`` dropped it) and the memory holds at least its baked-in ``top_k``
+entries (on the CPU provider it beat the numpy read at every memory size measured, 1.4-6x,
+see docs/efficiency.md; on CUDA unmeasured), else the numpy read of :mod:`app.propagation`.
 
 The torch backend (for GPU measurements where ONNX Runtime's CUDA build is absent) lives in
 ``training/torch_backend.py`` and is registered from outside (``register_backend``): the appliance never imports it, so an image without

@@ -5,7 +5,7 @@
     python bench/propagation_eval.py assist [--stcn CKPT]     # the assist's modes, every 5th / 10th / 20th slice
 
 Each runs on the 4 held-out learnability phantoms and on the real CTs of ../shared/data
-(TotalSegEx_0001 and _0003; skipped with a message when absent), and prints per-organ DSC
+(TotalSegEx_0001, _0002 and _0003; skipped with a message when absent), and prints per-organ DSC
 of the filled volume against the full ground truth next to the nearest-slice copy baseline,
 with the engine's seconds per filled slice. JSON under bench/out/propagation_eval/.
 
@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.assist import MODES, FusionConfig, largest_area_slices, nearest_copy, propagate_annotations  # noqa: E402
+from app.assist import MODES, FusionConfig, fill_modes, largest_area_slices, nearest_copy, propagate_annotations  # noqa: E402
 from app.ctio import read_ct, read_label_like  # noqa: E402
 from app.labels import ORGANS  # noqa: E402
 from app.propagation import PropagationConfig  # noqa: E402
@@ -45,7 +45,7 @@ def cases(phantom_dir: Path):
     for img in sorted((phantom_dir / "images").glob("*_0000.nii.gz")):
         yield "phantoms", img, phantom_dir / "labels" / img.name.replace("_0000", "")
     if (SHARED / "images").is_dir():
-        for name in ("TotalSegEx_0001", "TotalSegEx_0003"):
+        for name in REAL:
             yield name, SHARED / "images" / f"{name}_0000.nii.gz", SHARED / "labels" / f"{name}.nii.gz"
     else:
         print(f"real CTs not found at {SHARED}: skipped")
@@ -86,6 +86,7 @@ def assist_table(args) -> int:
     else:
         modes = [m for m in modes if m in ("nearest", "interp")]
     fusion = FusionConfig(**json.loads(args.fusion)) if args.fusion else FusionConfig()
+    variants = {k: FusionConfig(**v) for k, v in json.loads(args.variants).items()} if (args.variants and backend) else {}
     steps = [int(s) for s in args.steps.split(",")]
     rows: dict = {}
     for group, name, img, lab in assist_cases(phantoms):
@@ -95,12 +96,16 @@ def assist_table(args) -> int:
             slices = list(range(0, gt.shape[0], step))
             ann = np.zeros_like(gt)
             ann[slices] = gt[slices]
-            for mode in modes:
-                pred, stats = propagate_annotations(backend, vol, ann, slices, (size, size), mode=mode, fusion=fusion)
+            filled, stats = fill_modes(backend, vol, ann, slices, (size, size), modes, fusion=fusion, variants=variants)
+            for mode, pred in filled.items():
                 r = rows.setdefault(group, {}).setdefault(f"every{step}", {}).setdefault(mode, {"dsc": [], "ms": []})
                 r["dsc"].append(mean_dsc(gt, pred))
-                r["ms"].append(1000 * stats["seconds_per_slice"])
-    res = {"stcn": args.stcn or None, "fusion": fusion.__dict__, "groups": {}}
+                r["ms"].append(1000 * stats["seconds"][mode] / max(1, gt.shape[0] - len(slices)))
+            print(f"  {name} every{step}: " + " ".join(f"{m} {rows[group][f'every{step}'][m]['dsc'][-1]:.3f}"
+                                                      for m in filled), flush=True)
+    modes = modes + list(variants)
+    res = {"stcn": args.stcn or None, "fusion": fusion.__dict__, "variants": {k: v.__dict__ for k, v in variants.items()},
+           "groups": {}}
     for group, by_step in rows.items():
         res["groups"][group] = {}
         for step, by_mode in by_step.items():
@@ -126,7 +131,8 @@ def main() -> int:
     p.add_argument("--modes", default=",".join(MODES), help="assist: modes to score")
     p.add_argument("--steps", default="5,10,20", help="assist: draw every k-th slice, for each k")
     p.add_argument("--fusion", default="", help='assist: FusionConfig fields as JSON, e.g. {"stcn_weight": 0.3}')
-    p.add_argument("--json", default="", help="assist: where to write the JSON (default bench/out/propagation_eval/assist.json)")
+    p.add_argument("--variants", default="", help='assist: more fused fillings to score, JSON {name: FusionConfig fields}')
+    p.add_argument("--json", default="", help="where to write the JSON (default bench/out/propagation_eval/WHAT.json)")
     args = p.parse_args()
     if args.what == "assist":
         return assist_table(args)
@@ -168,7 +174,10 @@ def main() -> int:
         for o in prop:
             print(f"| {o} {ORGANS[o]} | {prop[o]:.3f} | {copy[o]:.3f} |")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.what}.json").write_text(json.dumps(res, indent=1))
+    out = Path(args.json) if args.json else OUT / f"{args.what}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
     return 0
 
 

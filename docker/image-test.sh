@@ -11,6 +11,7 @@
 #     organisers' FLARE22 command and their FLARE23/24 one (--shm-size=28gb -m 28G), minus
 #     --gpus, plus --network=none: exit 0, <case>.nii.gz on the input's exact grid, mode 0644;
 #     FLARE22's outputs/ is made as their script makes it (root, 0755), FLARE23/24's 0777;
+#     then `flare22 efficiency --image` over the same cases (FLARE22 columns, $OUT/efficiency/);
 #  5. one bad input (exit 1, one line, no traceback) and a read-only outputs/ (exit 2, one line);
 #  6. removes its containers, its image and its work folder (the base stays, as a cache).
 #
@@ -175,6 +176,17 @@ for edition in 22 23; do
     rm -rf "$DIR"
   done
 done
+
+# -- 4b. the harness, measuring the organisers' FLARE22 command on the same cases --------------
+say "flare22 efficiency --image $TAG --edition 22 (the organisers' command, measured as they do)"
+if FLARE22_PODMAN="$P" OMP_NUM_THREADS=1 timeout "$STEP_TIMEOUT" "$PY" -m flare22 efficiency --input "$cases" \
+    --output "$WORK/eff-out" --report "$OUT/efficiency" --image "$TAG" --engine podman --no-gpu --network-none \
+    --edition 22 >"$OUT/efficiency.log" 2>&1; then
+  say "harness: $(tr '\n' ' ' <"$OUT/efficiency/efficiency.csv" | cut -c1-400)"
+else
+  tail -n 5 "$OUT/efficiency.log"; fail "flare22 efficiency over the image (see $OUT/efficiency.log)"
+fi
+$P rm -f -i "$NAME" >/dev/null 2>&1
 
 # -- 5. bad input, read-only outputs --------------------------------------------------------
 head -c 4096 /dev/urandom >"$WORK/Broken_0001_0000.nii.gz"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.assist import (FusionConfig, ShapeInterpolator, fuse, interpolate, largest_area_slices, nearest_copy,
-                        propagate_annotations, signed_distance)
+from app.assist import (FusionConfig, ShapeInterpolator, fill_modes, fuse, interpolate, largest_area_slices,
+                        nearest_copy, propagate_annotations, signed_distance)
 from evaluation.phantom import generate
 from app.propagation import PropagationConfig
 
@@ -136,13 +136,17 @@ def test_engine_fill_keeps_drawn_slices(case):
             logits = 20 * (readout - 0.5)
             return np.repeat(np.repeat(logits, 16, axis=2), 16, axis=3).astype(np.float32)
 
+    cfg = PropagationConfig(top_k=1)
+    together, _ = fill_modes(Backend(), c.image, ann, drawn, (64, 64), ["nearest", "interp", "stcn", "fused"],
+                             config=cfg, variants={"light": FusionConfig(stcn_weight=0.1)})
+    assert set(together) == {"nearest", "interp", "stcn", "fused", "light"}
     for mode in ("stcn", "fused"):
-        out, stats = propagate_annotations(Backend(), c.image, ann, drawn, (64, 64), config=PropagationConfig(top_k=1),
-                                           mode=mode)
+        out, stats = propagate_annotations(Backend(), c.image, ann, drawn, (64, 64), config=cfg, mode=mode)
         for t in drawn:
             assert np.array_equal(out[t], ann[t])  # never changed
         assert not (out == 9).any()  # never drawn: absent
         assert stats["references"] == drawn and stats["seconds_per_slice"] > 0 and "engine" in stats
+        assert np.array_equal(out, together[mode])  # one engine run serves every mode alike
 
 
 def run_cli(*args):

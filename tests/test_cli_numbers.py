@@ -110,3 +110,27 @@ def test_a_bad_number_is_a_one_line_usage_error(argv, problem, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and problem in lines[0], r.stderr
     assert lines[0].startswith(f"flare22 {argv[0]}: error:")
+
+
+@pytest.mark.parametrize("command", ["train-reference", "train-propagation"])
+def test_trainer_flags_come_from_the_config(command):
+    """Each default lives in the config dataclass only: parsing no options gives its default
+    config, and every scalar field has a flag."""
+    import dataclasses
+
+    from training import trainer as T
+    from training.train_propagation import PropagationTrainConfig
+    from training.train_reference import ReferenceTrainConfig
+
+    cls = {"train-reference": ReferenceTrainConfig, "train-propagation": PropagationTrainConfig}[command]
+    parser = _command_parser(command)
+    assert T.config_from_args(cls, parser.parse_args(["--labelled", "L", "--out", "O"])) == cls(labelled="L")
+    scalar = {f.name for f in dataclasses.fields(cls) if f.type in ("int", "float", "str", "bool")}
+    assert scalar <= {a.dest for a in parser._actions} and len(scalar) >= 15
+    flags = ["--labelled", "L", "--out", "O", "--no-amp", "--seed", "3", "--max-minutes", "1.5"]
+    cfg = T.config_from_args(cls, parser.parse_args(flags))
+    assert (cfg.amp, cfg.seed, cfg.max_minutes) == (False, 3, 1.5)
+    if cls is ReferenceTrainConfig:
+        cfg = T.config_from_args(cls, parser.parse_args(["--labelled", "L", "--out", "O", "--cps-rampup", "0.3",
+                                                         "--no-augment"]))
+        assert (cfg.rampup, cfg.augment) == (0.3, False)

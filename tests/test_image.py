@@ -69,20 +69,29 @@ def test_cuda_options_grow_by_request_under_a_cap(monkeypatch):
     assert backends.session_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
 
 
-def test_memory_read_uses_the_bundle_graph_when_memory_is_large_enough(tiny_bundle, fresh_state):
-    _, stcn, info = backends.load_backends(load_bundle(tiny_bundle), device="cpu", threads=1)
-    assert info["memory_read"] == "onnx" and stcn.read is not None
-    top_k = stcn.read_top_k
+def test_memory_read_takes_the_bundle_graph_only_when_memory_is_large_enough(tiny_bundle, fresh_state):
+    bundle = load_bundle(tiny_bundle)
+    _, stcn, info = backends.load_backends(bundle, device="cpu", threads=1)
+    has_graph = "stcn_read" in bundle.manifest["graphs"]
+    assert info["memory_read"] == ("onnx" if has_graph else "numpy")
+    # the dispatch, with a stand-in graph: used from top_k memory entries on, numpy below
+    calls = []
+
+    def graph(keys, values, query):
+        calls.append(keys.shape[1])
+        return [read_memory(keys, values, query, 4)]
+
+    stcn.read, stcn.read_top_k = graph, 4
     rng = np.random.default_rng(0)
-    ck, cv = stcn.read.session.get_inputs()[0].shape[0], stcn.read.session.get_inputs()[1].shape[1]
-    qk = rng.standard_normal((ck, 24), dtype=np.float32)
-    for n in (top_k - 1, top_k, 3 * top_k):  # below top_k the graph cannot run: numpy does
-        keys = [rng.standard_normal((ck, n), dtype=np.float32)]
-        values = [rng.standard_normal((2, cv, n), dtype=np.float32)]
-        got = stcn.read_memory(keys, values, qk, top_k)
-        want = read_memory(keys[0], values[0], qk, top_k)
-        assert got.shape == want.shape == (2, cv, 24)
-        np.testing.assert_allclose(got, want, atol=1e-4)
+    qk = rng.standard_normal((8, 24), dtype=np.float32)
+    for n in (3, 4, 12):
+        keys = [rng.standard_normal((8, n), dtype=np.float32)]
+        values = [rng.standard_normal((2, 5, n), dtype=np.float32)]
+        got = stcn.read_memory(keys, values, qk, 4)
+        np.testing.assert_allclose(got, read_memory(keys[0], values[0], qk, 4), atol=1e-6)
+    assert calls == [4, 12]
+    stcn.read_memory([np.ones((8, 12), np.float32)], [np.ones((2, 5, 12), np.float32)], qk, 7)  # other top_k
+    assert calls == [4, 12]
 
 
 # ---------------------------------------------------------------------------------------

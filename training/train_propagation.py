@@ -24,14 +24,13 @@ runs its own schedule and curriculum, as without pretraining.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from app.argtypes import nonneg_float, nonneg_int, positive_float, positive_int
+from app.argtypes import nonneg_int, positive_int
 from app.assist import largest_area_slices, nearest_copy, propagate_annotations
 from app.labels import ORGANS
 from app.propagation import PropagationConfig
@@ -47,15 +46,16 @@ KIND = "propagation"
 
 @dataclasses.dataclass
 class PropagationTrainConfig(T.RunConfig):
-    iterations: int = 3000
-    batch: int = 4
+    iterations: int = T.arg(3000, type=positive_int, help="main-stage iterations (labelled clips)")
+    batch: int = T.arg(4, type=positive_int, help="clips per batch")
     betas: tuple[float, float] = (0.937, 0.999)
     milestones: tuple[float, ...] = (0.75, 0.92)
     # (fraction of training where it starts, max skip): 3, 4, 5, 7, 3 as the authors' code
     curriculum: tuple[tuple[float, int], ...] = ((0.0, 3), (0.1, 4), (0.2, 5), (0.3, 7), (0.8, 3))
-    flip: bool = True  # STCN is class-agnostic: a flip harms nothing here
-    unlabelled: str = ""  # comma-separated FLARE folders (images/ only is enough) for pretraining
-    pretrain_iterations: int = 0  # self-made-mask clips before the main stage
+    flip: bool = T.arg(True, help="no random flips (STCN is class-agnostic: a flip harms nothing here)")
+    unlabelled: str = T.arg("", help="comma-separated folders of unlabelled CT (images/ is enough) for pretraining")
+    pretrain_iterations: int = T.arg(0, type=nonneg_int,
+                                     help="self-made-mask pretraining iterations on --unlabelled before the main stage")
 
 
 def max_skip(it: int, cfg: PropagationTrainConfig) -> int:
@@ -185,9 +185,7 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
     info = T.setup_distributed(cfg.device)
     if resume:
         state = T.load_checkpoint(resume, KIND)
-        c = state["config"]
-        cfg = PropagationTrainConfig(**{**c, "betas": tuple(c["betas"]), "milestones": tuple(c["milestones"]),
-                                        "curriculum": tuple(tuple(x) for x in c["curriculum"])})
+        cfg = T.config_from_dict(PropagationTrainConfig, state["config"])
     T.seed_everything(cfg.seed + info.rank)
     size = STCN_CONFIGS[cfg.model].image_size
     cache = cfg.cache_dir or None
@@ -205,28 +203,19 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
     if pre > 0:
         unl = [v for d in cfg.unlabelled.split(",") if d for v in load_folder(d, labelled=False, cache_dir=cache)]
         synth = SelfMaskClipSampler(unl, cfg.seed * 1000 + 700 + info.rank)
+    parts = {"models": {"stcn": net}, "optimizers": {"stcn": opt}, "schedulers": {"stcn": sched},
+             "scalers": {"stcn": scaler}}
     start, best = 0, -1.0
     if resume:
-        net.load_state_dict(state["models"]["stcn"])
-        opt.load_state_dict(state["optimizers"]["stcn"])
-        sched.load_state_dict(state["schedulers"]["stcn"])
-        if state["scalers"]:
-            scaler.load_state_dict(state["scalers"]["stcn"])
-        start, best = state["iteration"], state["best"] if state["best"] is not None else -1.0
-        T.restore_rng(state)
+        start, best = T.restore(state, **parts)
         sampler.rng.bit_generator.state = state["extra"]["sampler"]
         if synth is not None and state["extra"].get("synth"):
             synth.rng.bit_generator.state = state["extra"]["synth"]
     model = DDP(net) if info.world > 1 else net
     loss_fn = OhemLovaszLoss()
-    log = T.JsonLog(out_dir / "log.jsonl", info.main)
-    if info.main and not resume:
-        log.write(event="start", config=dataclasses.asdict(cfg), world=info.world, device=str(info.device))
-    total = pre + cfg.iterations
-    bar = T.progress(total, start, disable=not (progress and info.main), desc="propagation")
     net.train()
-    last, t0 = {}, time.time()
-    for it in range(start, total):
+
+    def step(it: int) -> dict:
         pretraining = it < pre
         if pretraining:
             frames, first, target = synth.batch(cfg.batch, size, cfg.flip)
@@ -246,41 +235,26 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
         scaler.update()
         if not pretraining:  # the main stage's schedule is the same with or without pretraining
             sched.step()
-        bar.update(1)
-        last = {"loss": loss.item(), "stage": "pretrain" if pretraining else "main",
+        return {"lr": opt.param_groups[0]["lr"], "loss": loss.item(), "stage": "pretrain" if pretraining else "main",
                 "max_skip": 0 if pretraining else max_skip(it - pre, cfg)}
-        if info.main and ((it + 1) % cfg.log_every == 0 or it == start):
-            log.write(event="train", iteration=it + 1, lr=opt.param_groups[0]["lr"], **last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}")
-        stopping = (stop_after is not None and it + 1 >= stop_after) or (
-            cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes)
-        is_last = it + 1 == total or stopping
-        if info.main and ((it + 1) % cfg.val_every == 0 or is_last or it + 1 == pre):
-            if val and not pretraining:
-                net.eval()
-                res = evaluate(net, val, size, info.device)
-                net.train()
-                log.write(event="val", iteration=it + 1, **res)
-                if res["mean_dsc"] > best:
-                    best = res["mean_dsc"]
-                    _save(out_dir / "best.pt", cfg, it + 1, net, opt, sched, scaler, best, sampler, synth)
-            _save(out_dir / "last.pt", cfg, it + 1, net, opt, sched, scaler, best, sampler, synth)
-        if stopping:
-            break
-    bar.close()
-    if info.main and not val and not stop_after:
-        (out_dir / "best.pt").write_bytes((out_dir / "last.pt").read_bytes())
-    summary = {"iterations": it + 1 if total > start else start, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
-               "checkpoint": str(out_dir / "best.pt")}
-    log.write(event="end", **summary)
-    return summary
 
+    def save(path: Path, iteration: int, best_so_far: float) -> None:
+        T.save_checkpoint(path, kind=KIND, config=cfg, iteration=iteration, **parts, best=best_so_far,
+                          extra={"sampler": sampler.rng.bit_generator.state,
+                                 "synth": synth.rng.bit_generator.state if synth is not None else None})
 
-def _save(path, cfg, it, net, opt, sched, scaler, best, sampler, synth=None):
-    T.save_checkpoint(path, kind=KIND, config=cfg, iteration=it, models={"stcn": net}, optimizers={"stcn": opt},
-                      schedulers={"stcn": sched}, scalers={"stcn": scaler}, best=best,
-                      extra={"sampler": sampler.rng.bit_generator.state,
-                             "synth": synth.rng.bit_generator.state if synth is not None else None})
+    def validate(it: int) -> dict | None:
+        if it < pre:  # pretraining: checkpoints, no validation
+            return None
+        net.eval()
+        res = evaluate(net, val, size, info.device)
+        net.train()
+        return res
+
+    return T.fit(cfg, out_dir, info=info, start=start, best=best, step=step, save=save,
+                 validate=validate if val else None, desc="propagation", show_progress=progress,
+                 stop_after=stop_after, resumed=bool(resume), total=pre + cfg.iterations,
+                 save_at=(pre,) if pre else ())
 
 
 def load_stcn(checkpoint):
@@ -291,30 +265,14 @@ def load_stcn(checkpoint):
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--labelled", required=True, help="FLARE folder with images/ and labels/")
-    p.add_argument("--val", default="", help="labelled FLARE folder for validation")
+    T.add_config_arguments(p, PropagationTrainConfig, model={"choices": sorted(STCN_CONFIGS)})
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl")
-    p.add_argument("--config", default="tiny", choices=sorted(STCN_CONFIGS))
-    p.add_argument("--iterations", type=positive_int, default=3000, help="main-stage iterations (labelled clips)")
-    p.add_argument("--unlabelled", default="", help="comma-separated folders of unlabelled CT for pretraining")
-    p.add_argument("--pretrain-iterations", type=nonneg_int, default=0,
-                   help="self-made-mask pretraining iterations on --unlabelled before the main stage")
-    p.add_argument("--batch", type=positive_int, default=4)
-    p.add_argument("--lr", type=positive_float, default=1e-4)
-    p.add_argument("--val-every", type=positive_int, default=500)
-    p.add_argument("--max-minutes", type=nonneg_float, default=0.0, help="stop (and save) after this much wall time")
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--cache-dir", default="")
-    p.add_argument("--resume")
+    p.add_argument("--resume", help="checkpoint to continue from (its config wins)")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args) -> int:
-    cfg = PropagationTrainConfig(model=args.config, iterations=args.iterations, batch=args.batch, lr=args.lr,
-                                 val_every=args.val_every, max_minutes=args.max_minutes, seed=args.seed, device=args.device,
-                                 labelled=args.labelled, val=args.val, cache_dir=args.cache_dir,
-                                 unlabelled=args.unlabelled, pretrain_iterations=args.pretrain_iterations)
+    cfg = T.config_from_args(PropagationTrainConfig, args)
     s = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"propagation training done: best validation mean DSC {s['best_val_dsc']:.4f}; {s['checkpoint']}")
     return 0

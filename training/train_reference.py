@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from app.argtypes import nonneg_float, nonneg_int, positive_float, positive_int, probability
+from app.argtypes import nonneg_float, nonneg_int, positive_int, probability
 from app.labels import ORGANS
 from app.predict import pair_labels
 from app.windowing import DEFAULT_WINDOWS
@@ -41,22 +40,30 @@ CPS_ON = ("all", "unlabelled")  # the slices the CPS loss covers
 
 @dataclasses.dataclass
 class ReferenceTrainConfig(T.RunConfig):
-    batch_labelled: int = 2
-    batch_unlabelled: int = 2
-    label_smoothing: float = 0.1
-    cps_weight: float = 1.5
-    cps_loss: str = "dice"  # one of CPS_LOSSES
-    cps_threshold: float = 0.0  # peer pixels less confident than this are ignored
-    cps_on: str = "all"  # CPS on every slice of the batch (the CPS paper), or "unlabelled" only
+    batch_labelled: int = T.arg(2, type=positive_int, help="labelled slices per batch")
+    batch_unlabelled: int = T.arg(2, type=nonneg_int, help="unlabelled slices per batch (CPS input)")
+    label_smoothing: float = T.arg(0.1, type=probability)
+    cps_weight: float = T.arg(1.5, type=nonneg_float, help="weight of the CPS loss once ramped up")
+    cps_loss: str = T.arg("dice", choices=CPS_LOSSES, help="the paper's Dice or the CPS paper's cross-entropy")
+    cps_threshold: float = T.arg(0.0, type=probability,
+                                 help="ignore peer pixels whose top probability is below this (0: every pixel, "
+                                      "the paper)")
+    cps_on: str = T.arg("all", choices=CPS_ON,
+                        help="slices the CPS loss covers: all of the batch (the CPS paper) or the unlabelled ones")
     # The CPS schedule: labels alone for the first half, then the weight ramps up over the
     # next 20 % (bench/learnability.py semi: CPS from the start lost to labelled-only; this
     # schedule beat it on 3 seeds of 3). cps_start=0 gives CPS from the first iteration.
-    rampup: float = 0.2
-    cps_start: float = 0.5  # fraction of the run trained on labels alone before CPS begins
-    small_organ_boost: float = 10.0
-    sampling_rule: str = "rarity"  # or "small" (training.data.slice_weights)
-    augment: bool = True
-    unlabelled: str = ""
+    rampup: float = T.arg(0.2, type=probability, flag="--cps-rampup",
+                          help="fraction of the run over which the CPS weight ramps up to --cps-weight")
+    cps_start: float = T.arg(0.5, type=probability,
+                             help="fraction of the run trained on the labelled slices alone before the CPS ramp "
+                                  "begins (0: CPS from the first iteration, as in the CPS paper)")
+    small_organ_boost: float = T.arg(10.0, type=nonneg_float,
+                                     help="extra sampling weight of slices showing a rare organ (0: uniform)")
+    sampling_rule: str = T.arg("rarity", choices=("small", "rarity"),
+                               help="small: boost slices showing a small organ; rarity: boost by the rarest organ")
+    augment: bool = T.arg(True, help="no augmentation")
+    unlabelled: str = T.arg("", help="FLARE folder with images/ only (CPS input)")
 
     def __post_init__(self):
         # Checked when the config is made (command line, code or a resumed checkpoint), not
@@ -120,7 +127,7 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
     info = T.setup_distributed(cfg.device)
     if resume:
         state = T.load_checkpoint(resume, KIND)
-        cfg = ReferenceTrainConfig(**{**state["config"], "milestones": tuple(state["config"]["milestones"])})
+        cfg = T.config_from_dict(ReferenceTrainConfig, state["config"])
     T.seed_everything(cfg.seed + info.rank)
     size = REFERENCE_CONFIGS[cfg.model].image_size
     cache = cfg.cache_dir or None
@@ -134,20 +141,12 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
     scheds = [T.multistep_lr(o, cfg.iterations, cfg.milestones) for o in opts]
     use_amp = cfg.amp and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)  # one scaler, two optimisers
-    start, best = 0, -1.0
+    parts = {"models": dict(zip("ab", nets)), "optimizers": dict(zip("ab", opts)),
+             "schedulers": dict(zip("ab", scheds)), "scalers": {"pair": scaler}}
+    start, best, sampler_state = 0, -1.0, None
     if resume:
-        for key, n in zip("ab", nets):
-            n.load_state_dict(state["models"][key])
-        for key, o, s in zip("ab", opts, scheds):
-            o.load_state_dict(state["optimizers"][key])
-            s.load_state_dict(state["schedulers"][key])
-        if state["scalers"]:
-            scaler.load_state_dict(state["scalers"]["pair"])
-        start, best = state["iteration"], state["best"] if state["best"] is not None else -1.0
-        T.restore_rng(state)
+        start, best = T.restore(state, **parts)
         sampler_state = state["extra"].get("sampler")
-    else:
-        sampler_state = None
     if info.world > 1:
         nets = [DDP(n) for n in nets]
 
@@ -164,13 +163,8 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
     # 4-slice batch scores ~0 (smooth / (sum of its small probabilities + smooth)) and
     # fights the label smoothing's floor; training plateaued there.
     sup_loss = DiceCELoss(label_smoothing=cfg.label_smoothing, classes="present")
-    log = T.JsonLog(out_dir / "log.jsonl", info.main)
-    if info.main and not resume:
-        log.write(event="start", config=dataclasses.asdict(cfg), world=info.world, device=str(info.device))
-    bar = T.progress(cfg.iterations, start, disable=not (progress and info.main), desc="reference")
-    last = {}
-    t0 = time.time()
-    for it in range(start, cfg.iterations):
+
+    def step(it: int) -> dict:
         x, pos, y = lab_sampler.batch(cfg.batch_labelled, size, aug, with_labels=True)
         w = cps_rampup(it, cfg)
         # Before the CPS weight rises the unlabelled half of the batch would be computed for
@@ -203,42 +197,20 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
         scaler.update()
         for s in scheds:
             s.step()
-        bar.update(1)
-        last = {"loss": loss.item(), "sup_a": sup[0].item(), "sup_b": sup[1].item(),
-                "cps": (cps[0] + cps[1]).item(), "cps_weight": w}
-        if info.main and ((it + 1) % cfg.log_every == 0 or it == start):
-            log.write(event="train", iteration=it + 1, lr=opts[0].param_groups[0]["lr"], **last)
-            bar.set_postfix(loss=f"{last['loss']:.3f}")
-        stopping = (stop_after is not None and it + 1 >= stop_after) or (
-            cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes)
-        is_last = it + 1 == cfg.iterations or stopping
-        if val and info.main and ((it + 1) % cfg.val_every == 0 or is_last):
-            res = validate([T.unwrap(n) for n in nets], val, size, info.device)
-            log.write(event="val", iteration=it + 1, **res)
-            if res["mean_dsc"] > best:
-                best = res["mean_dsc"]
-                _save(out_dir / "best.pt", cfg, it + 1, nets, opts, scheds, scaler, best, lab_sampler, unl_sampler)
-        if info.main and ((it + 1) % cfg.val_every == 0 or is_last):
-            _save(out_dir / "last.pt", cfg, it + 1, nets, opts, scheds, scaler, best, lab_sampler, unl_sampler)
-        if stopping:
-            break
-    bar.close()
-    if info.main and not val and not stop_after:  # no validation set: the last checkpoint is the one to export
-        (out_dir / "best.pt").write_bytes((out_dir / "last.pt").read_bytes())
-    summary = {"iterations": it + 1 if cfg.iterations > start else start, "best_val_dsc": best, "last": last, "seconds": time.time() - t0,
-               "checkpoint": str(out_dir / "best.pt")}
-    log.write(event="end", **summary)
-    return summary
+        return {"lr": opts[0].param_groups[0]["lr"], "loss": loss.item(), "sup_a": sup[0].item(),
+                "sup_b": sup[1].item(), "cps": (cps[0] + cps[1]).item(), "cps_weight": w}
 
+    def save(path: Path, iteration: int, best_so_far: float) -> None:
+        T.save_checkpoint(path, kind=KIND, config=cfg, iteration=iteration, **parts, best=best_so_far,
+                          extra={"sampler": {"lab": lab_sampler.rng.bit_generator.state,
+                                             "unl": unl_sampler.rng.bit_generator.state if unl_sampler else None}})
 
-def _save(path, cfg, it, nets, opts, scheds, scaler, best, lab_sampler, unl_sampler):
-    T.save_checkpoint(
-        path, kind=KIND, config=cfg, iteration=it,
-        models={"a": nets[0], "b": nets[1]}, optimizers={"a": opts[0], "b": opts[1]},
-        schedulers={"a": scheds[0], "b": scheds[1]}, scalers={"pair": scaler}, best=best,
-        extra={"sampler": {"lab": lab_sampler.rng.bit_generator.state,
-                           "unl": unl_sampler.rng.bit_generator.state if unl_sampler else None}},
-    )
+    def validate_now(it: int) -> dict:
+        return validate([T.unwrap(n) for n in nets], val, size, info.device)
+
+    return T.fit(cfg, out_dir, info=info, start=start, best=best, step=step, save=save,
+                 validate=validate_now if val else None, desc="reference", show_progress=progress,
+                 stop_after=stop_after, resumed=bool(resume))
 
 
 def load_pair(checkpoint: str | Path):
@@ -252,50 +224,14 @@ def load_pair(checkpoint: str | Path):
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--labelled", required=True, help="FLARE folder with images/ and labels/")
-    p.add_argument("--unlabelled", default="", help="FLARE folder with images/ only (CPS input)")
-    p.add_argument("--val", default="", help="labelled FLARE folder for validation")
+    T.add_config_arguments(p, ReferenceTrainConfig, model={"choices": sorted(REFERENCE_CONFIGS)})
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl")
-    p.add_argument("--config", default="tiny", choices=sorted(REFERENCE_CONFIGS), help="network configuration")
-    p.add_argument("--iterations", type=positive_int, default=2000)
-    p.add_argument("--batch-labelled", type=positive_int, default=2)
-    p.add_argument("--batch-unlabelled", type=positive_int, default=2)
-    p.add_argument("--lr", type=positive_float, default=1e-4)
-    p.add_argument("--cps-weight", type=nonneg_float, default=1.5)
-    p.add_argument("--cps-loss", choices=CPS_LOSSES, default="dice")
-    p.add_argument("--cps-threshold", type=probability, default=0.0,
-                   help="ignore peer pixels whose top probability is below this (0: every pixel, the paper)")
-    p.add_argument("--cps-on", choices=CPS_ON, default="all",
-                   help="slices the CPS loss covers: all of the batch (the CPS paper) or the unlabelled ones")
-    p.add_argument("--cps-rampup", type=probability, default=0.2,
-                   help="fraction of the run over which the CPS weight ramps up to --cps-weight")
-    p.add_argument("--cps-start", type=probability, default=0.5,
-                   help="fraction of the run trained on the labelled slices alone before the CPS ramp begins "
-                        "(0: CPS from the first iteration, as in the CPS paper)")
-    p.add_argument("--small-organ-boost", type=nonneg_float, default=10.0,
-                   help="extra sampling weight of slices showing a rare organ (0: uniform)")
-    p.add_argument("--sampling-rule", choices=("small", "rarity"), default="rarity",
-                   help="small: boost slices showing a small organ; rarity: boost by the rarest organ present")
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--val-every", type=positive_int, default=500)
-    p.add_argument("--max-minutes", type=nonneg_float, default=0.0, help="stop (and save) after this much wall time")
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--cache-dir", default="", help="decoded-volume cache (default $FLARE22_CACHE or ~/.cache/flare22)")
     p.add_argument("--resume", help="checkpoint to continue from (its config wins)")
     p.add_argument("--no-progress", action="store_true")
 
 
 def run(args) -> int:
-    cfg = ReferenceTrainConfig(
-        model=args.config, iterations=args.iterations, batch_labelled=args.batch_labelled,
-        batch_unlabelled=args.batch_unlabelled, lr=args.lr, cps_weight=args.cps_weight, cps_loss=args.cps_loss,
-        cps_threshold=args.cps_threshold, rampup=args.cps_rampup, cps_start=args.cps_start,
-        cps_on=args.cps_on,
-        small_organ_boost=args.small_organ_boost, sampling_rule=args.sampling_rule, augment=not args.no_augment, val_every=args.val_every, max_minutes=args.max_minutes,
-        seed=args.seed, device=args.device, labelled=args.labelled, unlabelled=args.unlabelled, val=args.val,
-        cache_dir=args.cache_dir,
-    )
+    cfg = T.config_from_args(ReferenceTrainConfig, args)
     summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"reference training done: best validation mean DSC {summary['best_val_dsc']:.4f}; {summary['checkpoint']}")
     return 0

@@ -1,5 +1,7 @@
 """What both trainers share: distributed set-up, seeding, checkpoints that resume exactly,
-the learning-rate schedule, mixed precision, a JSON-lines log and the progress bar.
+the learning-rate schedule, mixed precision, a JSON-lines log, the progress bar, the
+training loop (``fit``: budget, validation cadence, best/last checkpoints, summary) and the
+command-line flags made from the config dataclasses (``add_config_arguments``).
 
 Each trainer keeps one typed config (a dataclass) that is saved into every checkpoint
 with the iteration, the networks, the optimisers, the schedulers and the random states,
@@ -19,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from app.argtypes import nonneg_float, nonneg_int, positive_float, positive_int
+
 
 @dataclasses.dataclass
 class DistInfo:
@@ -31,26 +35,35 @@ class DistInfo:
         return self.rank == 0
 
 
+def arg(default, *, type=None, help: str | None = None, flag: str | None = None, **kwargs):
+    """A config field that is also a command-line flag: its default lives here only.
+
+    ``type`` is the flag's checked type (``app.argtypes``), ``flag`` its name when not
+    ``--field-name``; other keyword arguments (``choices``, ``required``) go to argparse."""
+    return dataclasses.field(default=default, metadata={"type": type, "help": help, "flag": flag, **kwargs})
+
+
 @dataclasses.dataclass
 class RunConfig:
     """What every training run has besides its method's own settings (dataclass fields
-    of the trainers' configs come after these)."""
+    of the trainers' configs come after these). Each scalar field is also a flag of the
+    trainer's command (``add_config_arguments``)."""
 
-    model: str = "tiny"
-    iterations: int = 2000
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
+    model: str = arg("tiny", flag="--config", help="network configuration")
+    iterations: int = arg(2000, type=positive_int, help="training iterations")
+    lr: float = arg(1e-4, type=positive_float, help="AdamW learning rate (the paper: 1e-4)")
+    weight_decay: float = arg(1e-4, type=nonneg_float)
     milestones: tuple[float, ...] = (0.8, 0.9)  # x0.5 at these fractions of the run
-    grad_clip: float = 12.0
-    amp: bool = True  # mixed precision, on GPUs only
-    seed: int = 0
-    val_every: int = 500
-    max_minutes: float = 0.0  # > 0: stop (and save) once this much wall time has passed
-    log_every: int = 20
-    device: str = "auto"
-    labelled: str = ""
-    val: str = ""
-    cache_dir: str = ""
+    grad_clip: float = arg(12.0, type=positive_float, help="gradient norm clip")
+    amp: bool = arg(True, help="no mixed precision (it is used on GPUs only)")
+    seed: int = arg(0, type=nonneg_int)
+    val_every: int = arg(500, type=positive_int, help="validate and save every this many iterations")
+    max_minutes: float = arg(0.0, type=nonneg_float, help="stop (and save) after this much wall time (0: no limit)")
+    log_every: int = arg(20, type=positive_int, help="log.jsonl line every this many iterations")
+    device: str = arg("auto", choices=("auto", "cpu", "cuda"))
+    labelled: str = arg("", required=True, help="FLARE folder with images/ and labels/")
+    val: str = arg("", help="labelled FLARE folder for validation")
+    cache_dir: str = arg("", help="decoded-volume cache (default $FLARE22_CACHE or ~/.cache/flare22)")
 
 
 def setup_distributed(device: str = "auto") -> DistInfo:
@@ -156,3 +169,116 @@ def progress(total: int, initial: int, disable: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, disable=disable, desc=desc, dynamic_ncols=True, mininterval=1.0)
+
+
+# ---- configs: from a checkpoint, and as command-line flags --------------------------
+
+
+_FALLBACK_TYPES = {"int": positive_int, "float": positive_float, "str": str}
+
+
+def add_config_arguments(parser, cls, **overrides) -> None:
+    """One flag per scalar field of the config dataclass ``cls`` (tuples stay code-only), with
+    the field's default. A True bool becomes ``--no-NAME``, a False one ``--NAME``.
+    ``overrides`` = field -> extra argparse keywords (e.g. the choices of ``model``)."""
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind not in ("int", "float", "str", "bool"):
+            continue
+        meta = {k: v for k, v in f.metadata.items() if v is not None}
+        meta.update(overrides.get(f.name, {}))
+        name = meta.pop("flag", None) or "--" + f.name.replace("_", "-")
+        help_text = meta.pop("help", None)
+        if kind == "bool":
+            meta.pop("type", None)
+            if f.default:
+                name = "--no-" + name[2:] if not name.startswith("--no-") else name
+                parser.add_argument(name, dest=f.name, action="store_false", help=help_text)
+            else:
+                parser.add_argument(name, dest=f.name, action="store_true", help=help_text)
+            continue
+        meta.setdefault("type", _FALLBACK_TYPES[kind])
+        if not meta.get("required"):
+            help_text = f"{help_text} (default: {f.default!r})" if help_text else f"default: {f.default!r}"
+        parser.add_argument(name, dest=f.name, default=f.default, help=help_text, **meta)
+
+
+def config_from_args(cls, args, **extra):
+    """The config ``cls`` from parsed flags (fields without a flag keep their default)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **extra})
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def config_from_dict(cls, values: dict):
+    """The config ``cls`` saved in a checkpoint (JSON-like: lists back to tuples)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: _tuples(v) for k, v in values.items() if k in known})
+
+
+# ---- the loop both trainers share ----------------------------------------------------
+
+
+def restore(state: dict, *, models: dict, optimizers: dict, schedulers: dict, scalers: dict) -> tuple[int, float]:
+    """Load a checkpoint's networks, optimisers, schedulers, scalers and random states;
+    returns (iteration, best validation score so far)."""
+    for k, m in models.items():
+        unwrap(m).load_state_dict(state["models"][k])
+    for k, o in optimizers.items():
+        o.load_state_dict(state["optimizers"][k])
+    for k, s in schedulers.items():
+        s.load_state_dict(state["schedulers"][k])
+    for k, s in scalers.items():
+        if state["scalers"].get(k):
+            s.load_state_dict(state["scalers"][k])
+    restore_rng(state)
+    return state["iteration"], state["best"] if state["best"] is not None else -1.0
+
+
+def fit(cfg, out_dir: Path, *, info: DistInfo, start: int, best: float, step, save, validate=None,
+        desc: str, show_progress: bool = True, stop_after: int | None = None, resumed: bool = False,
+        total: int | None = None, save_at: tuple[int, ...] = ()) -> dict:
+    """The loop both trainers share. Runs iterations ``start .. total`` (default
+    ``cfg.iterations``) of ``step(it) -> dict of figures`` ("loss" shown on the bar, all of
+    them in the JSON-lines log every ``cfg.log_every``). Every ``cfg.val_every`` iterations,
+    at the iterations in ``save_at`` and at the end: ``validate(it) -> {"mean_dsc", ...}``
+    (when given; it may return None to skip) with ``best.pt`` on a new best, and ``last.pt``
+    always, through ``save(path, iteration, best)``. The run stops after ``total``, after
+    ``cfg.max_minutes`` of wall time (> 0), or after ``stop_after`` iterations (as an
+    interruption would). Without validation the last checkpoint is also ``best.pt``.
+    Returns the summary, also logged."""
+    total = cfg.iterations if total is None else total
+    log = JsonLog(out_dir / "log.jsonl", info.main)
+    if info.main and not resumed:
+        log.write(event="start", config=dataclasses.asdict(cfg), world=info.world, device=str(info.device))
+    bar = progress(total, start, disable=not (show_progress and info.main), desc=desc)
+    last, t0, it = {}, time.time(), start - 1
+    for it in range(start, total):
+        last = step(it)
+        bar.update(1)
+        if info.main and ((it + 1) % cfg.log_every == 0 or it == start):
+            log.write(event="train", iteration=it + 1, **last)
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+        stopping = (stop_after is not None and it + 1 >= stop_after) or (
+            cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes)
+        is_last = it + 1 == total or stopping
+        if info.main and ((it + 1) % cfg.val_every == 0 or is_last or it + 1 in save_at):
+            res = validate(it) if validate is not None else None
+            if res is not None:
+                log.write(event="val", iteration=it + 1, **res)
+                if res["mean_dsc"] > best:
+                    best = res["mean_dsc"]
+                    save(out_dir / "best.pt", it + 1, best)
+            save(out_dir / "last.pt", it + 1, best)
+        if stopping:
+            break
+    bar.close()
+    if info.main and validate is None and not stop_after:  # the last checkpoint is the one to export
+        (out_dir / "best.pt").write_bytes((out_dir / "last.pt").read_bytes())
+    summary = {"iterations": it + 1 if total > start else start, "best_val_dsc": best, "last": last,
+               "seconds": time.time() - t0, "checkpoint": str(out_dir / "best.pt")}
+    log.write(event="end", **summary)
+    return summary
