@@ -148,7 +148,7 @@ class FusionConfig:
     slice the interpolation is nearly exact, further away STCN's view of the image counts more."""
 
     tau: float = 2.0  # pixels of the level function per unit of logit
-    stcn_weight: float = 0.5
+    stcn_weight: float = 0.25  # chosen on the 2 validation phantoms (docs/results.md, "Annotation assist")
     ramp: float = 5.0  # slices
     vanish: float = 1.0
 

@@ -442,9 +442,6 @@ def csv_columns(edition: int = 22) -> list[str]:
     return ["Name", *Figures.columns(edition), "DSC", "NSD", "Status", "ReturnCode"]
 
 
-CSV_COLUMNS = csv_columns(22)
-
-
 def write_csv(results: Sequence[CaseResult], path: str | os.PathLike, edition: int = 22) -> Path:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=csv_columns(edition))

@@ -83,6 +83,10 @@ class Graph:
     cost_unit: str  # what the appliance counts calls in: slices, feature cells or organ x cells
     example: Case = field(default_factory=Case)  # the sizes export traces and counts MACs at
 
+    def __post_init__(self):
+        if self.cost_unit not in COST_UNITS:
+            raise ValueError(f"graph {self.name}: cost unit {self.cost_unit!r} is not one of {COST_UNITS}")
+
     def units(self, case: Case) -> int:
         """How many cost units one call on ``case``'s inputs is."""
         cells = case.cells[0] * case.cells[1]

@@ -182,11 +182,7 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
           stop_after: int | None = None) -> dict:
     """Train; ``stop_after`` ends the run early (after saving), as an interruption would."""
     out_dir = Path(out_dir)
-    info = T.setup_distributed(cfg.device)
-    if resume:
-        state = T.load_checkpoint(resume, KIND)
-        cfg = T.config_from_dict(PropagationTrainConfig, state["config"])
-    T.seed_everything(cfg.seed + info.rank)
+    cfg, info, state = T.begin(PropagationTrainConfig, cfg, resume, KIND)
     size = STCN_CONFIGS[cfg.model].image_size
     cache = cfg.cache_dir or None
     vols = load_folder(cfg.labelled, labelled=True, cache_dir=cache)

@@ -124,11 +124,7 @@ def train(cfg: ReferenceTrainConfig, out_dir: str | Path, resume: str | None = N
           stop_after: int | None = None) -> dict:
     """Train; ``stop_after`` ends the run early (after saving), as an interruption would."""
     out_dir = Path(out_dir)
-    info = T.setup_distributed(cfg.device)
-    if resume:
-        state = T.load_checkpoint(resume, KIND)
-        cfg = T.config_from_dict(ReferenceTrainConfig, state["config"])
-    T.seed_everything(cfg.seed + info.rank)
+    cfg, info, state = T.begin(ReferenceTrainConfig, cfg, resume, KIND)
     size = REFERENCE_CONFIGS[cfg.model].image_size
     cache = cfg.cache_dir or None
     labelled = load_folder(cfg.labelled, labelled=True, cache_dir=cache)

@@ -222,6 +222,18 @@ def config_from_dict(cls, values: dict):
 # ---- the loop both trainers share ----------------------------------------------------
 
 
+def begin(cls, cfg, resume: str | None, kind: str):
+    """(config, distributed info, checkpoint state or None) at the start of a run: on
+    ``resume`` the checkpoint's config wins; every process is seeded."""
+    info = setup_distributed(cfg.device)
+    state = None
+    if resume:
+        state = load_checkpoint(resume, kind)
+        cfg = config_from_dict(cls, state["config"])
+    seed_everything(cfg.seed + info.rank)
+    return cfg, info, state
+
+
 def restore(state: dict, *, models: dict, optimizers: dict, schedulers: dict, scalers: dict) -> tuple[int, float]:
     """Load a checkpoint's networks, optimisers, schedulers, scalers and random states;
     returns (iteration, best validation score so far)."""
