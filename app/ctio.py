@@ -427,8 +427,11 @@ def write_labels(labels: np.ndarray, props: CTProperties, out_path: str | os.Pat
 
 def write_map(values: np.ndarray, props: CTProperties, out_path: str | os.PathLike, *,
               tmp_dir: str | os.PathLike | None = None) -> Path:
-    """Write a canonical (z, y, x) float map (e.g. uncertainty) onto the input's grid."""
-    values = np.asarray(values, dtype=np.float32)
+    """Write a canonical (z, y, x) map (e.g. uncertainty: uint8 stays uint8, anything else
+    becomes float32) onto the input's grid."""
+    values = np.asarray(values)
+    if values.dtype != np.uint8:
+        values = values.astype(np.float32)
     if values.shape != props.shape_zyx:
         raise GeometryError(f"map for {props.path} has shape {values.shape}, expected {props.shape_zyx}")
     img = sitk.GetImageFromArray(from_canonical(values, props))
