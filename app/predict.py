@@ -110,11 +110,11 @@ def resolve_settings(manifest: dict, mode: str | None, overrides: dict) -> tuple
 
 def pair_labels(probs_fn, volume: np.ndarray, windows, hw: tuple[int, int], batch: int = 8):
     """Yield (slice indices, (B, h, w) uint8 labels) over every axial slice of a canonical
-    (N, h, w) HU volume: the one "volume -> pair labels" routine (training validation and
-    pseudo-labelling run it with torch or ONNX pairs). Slices are windowed and resized to
-    the model input ``hw``, positioned at z / N; ``probs_fn(images, positions)`` returns the
-    pair's summed softmax (B, C, H, W), whose argmax after bilinear resizing back to (h, w)
-    is the label."""
+    (N, h, w) HU volume: the one "volume -> pair labels" routine (``--mode dense``, training
+    validation and pseudo-labelling run it, with ONNX or torch pairs). Slices are windowed
+    and resized to the model input ``hw``, positioned at z / N; ``probs_fn(images,
+    positions)`` returns the pair's summed softmax (B, C, H, W), whose argmax after bilinear
+    resizing back to (h, w) is the label."""
     n, h, w = volume.shape
     for i in range(0, n, batch):
         z = np.arange(i, min(n, i + batch))
@@ -184,12 +184,11 @@ class Predictor:
         return self._every_sampled(volume, report)
 
     def _dense(self, volume: np.ndarray, report: dict):
-        n, h, w = volume.shape
-        labels = np.zeros((n, h, w), np.uint8)
+        labels = np.zeros(volume.shape, np.uint8)
         t0 = time.perf_counter()
-        for b, out in self.run_reference(volume, np.arange(n)):
-            for j, t in enumerate(b):
-                labels[t] = argmax_resized(out["probs"][j], (h, w))
+        for z, lab in pair_labels(lambda x, p: self.reference(x, p)["probs"], volume, self.windows, self.hw,
+                                  self.opt.batch):
+            labels[z] = lab
         report["timings"] = {"reference": time.perf_counter() - t0}
         return labels, report
 

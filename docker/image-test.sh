@@ -79,7 +79,7 @@ if ! $P image exists "$BASE"; then
     rm -rf "$root"
     skip "debootstrap of Debian bookworm failed (no Debian mirror?): see $OUT/debootstrap.log"
   fi
-  tar -C "$root/rootfs" -c . | $P import - "$BASE" >/dev/null || { rm -rf "$root"; fail "podman import of the base"; exit 1; }
+  tar -C "$root/rootfs" -c . | $P import - "$BASE" >"$OUT/import.log" 2>&1 || { rm -rf "$root"; fail "podman import of the base (see $OUT/import.log)"; exit 1; }
   rm -rf "$root"
   echo "base_seconds $(secs "$t0" "$(now)")" >>"$FIG"
 fi
