@@ -345,7 +345,9 @@ def test_seeded_bundle_labels_are_pinned(tiny_bundle, phantom_volumes, backend):
     bundle = load_bundle(tiny_bundle)
     backends = load_torch_backends(bundle, device="cpu", threads=1, programs=False) if backend == "torch" else None
     for mode, want in PINNED_LABELS.items():
-        predictor = Predictor(bundle, PredictOptions(mode=mode, device="cpu", threads=1), backends=backends)
+        # pinned with the sampling of that time (every 5th slice); the default has since moved
+        opts = PredictOptions(mode=mode, device="cpu", threads=1, propagation={"every": 5})
+        predictor = Predictor(bundle, opts, backends=backends)
         got = {name: _digest(predictor.predict_volume(v)[0]) for name, v in phantom_volumes.items()}
         assert got == want, (backend, mode)
     assert len(set(PINNED_LABELS["dense"].values())) == 3  # three different, non-trivial label volumes
