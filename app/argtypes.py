@@ -20,20 +20,6 @@ def _integer(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
 
 
-def positive_int(value: str) -> int:
-    number = _integer(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
-def nonneg_int(value: str) -> int:
-    number = _integer(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
-    return number
-
-
 def _number(value: str) -> float:
     try:
         number = float(value)
@@ -44,26 +30,25 @@ def _number(value: str) -> float:
     return number
 
 
-def positive_float(value: str) -> float:
-    number = _number(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return number
+def _bounded(name: str, parse, ok, need: str):
+    """A checked numeric type: ``parse`` the string, then refuse a value for which ``ok`` is
+    false with "must be <need>, got <value>"."""
+    def check(value: str):
+        number = parse(value)
+        if not ok(number):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {value}")
+        return number
+
+    check.__name__ = check.__qualname__ = name
+    return check
 
 
-def nonneg_float(value: str) -> float:
-    number = _number(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
-
-
-def probability(value: str) -> float:
-    """A probability, fraction or score threshold: a number in [0, 1]."""
-    number = _number(value)
-    if not 0 <= number <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return number
+positive_int = _bounded("positive_int", _integer, lambda n: n >= 1, "at least 1")
+nonneg_int = _bounded("nonneg_int", _integer, lambda n: n >= 0, ">= 0")
+positive_float = _bounded("positive_float", _number, lambda n: n > 0, "> 0")
+nonneg_float = _bounded("nonneg_float", _number, lambda n: n >= 0, ">= 0")
+# a probability, fraction or score threshold
+probability = _bounded("probability", _number, lambda n: 0 <= n <= 1, "between 0 and 1")
 
 
 # Every numeric command-line type: tests/test_cli_numbers.py fails on a plain int or float.

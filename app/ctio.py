@@ -278,6 +278,38 @@ def _check_size(path: Path, reader: sitk.ImageFileReader) -> None:
                                        f"{data_bytes} compressed bytes cannot hold them)")
         elif data_bytes < need:
             raise InputError(path, truncated % (need, max(0, data_bytes)))
+    elif name.endswith(".nrrd"):
+        _check_nrrd(path, reader, truncated)
+
+
+def _check_nrrd(path: Path, reader: sitk.ImageFileReader, truncated: str) -> None:
+    """NRRD: the header ends at the first blank line; raw data must be whole, gzip data must
+    be able to hold the voxels, a detached data file must be a regular file."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    end = head.find(b"\n\n")
+    if end < 0:
+        return  # ITK has read the header already; nothing we can measure
+    fields = {}
+    for line in head[:end].decode("latin-1").splitlines()[1:]:
+        key, sep, value = line.partition(":")
+        if sep and not line.startswith("#"):
+            fields[key.strip().lower()] = value.strip().lstrip("=").strip()
+    need = _voxel_bytes(reader)
+    where = fields.get("data file") or fields.get("datafile")
+    if where:
+        data = (path.parent / where) if not os.path.isabs(where) else Path(where)
+        if not data.is_file():
+            raise InputError(path, f"its data file {where} is not a regular file")
+        data_bytes = data.stat().st_size
+    else:
+        data_bytes = path.stat().st_size - (end + 2)
+    if fields.get("encoding", "raw").lower() in ("gzip", "gz", "bzip2", "bz2"):
+        if need > DEFLATE_MAX_RATIO * data_bytes + 4096:
+            raise InputError(path, f"unreadable or truncated image (the header claims {need} voxel bytes; "
+                                   f"{data_bytes} compressed bytes cannot hold them)")
+    elif fields.get("encoding", "raw").lower() == "raw" and data_bytes < need:
+        raise InputError(path, truncated % (need, max(0, data_bytes)))
 
 
 def _voxel_bytes(reader: sitk.ImageFileReader) -> int:
@@ -427,8 +459,11 @@ def write_labels(labels: np.ndarray, props: CTProperties, out_path: str | os.Pat
 
 def write_map(values: np.ndarray, props: CTProperties, out_path: str | os.PathLike, *,
               tmp_dir: str | os.PathLike | None = None) -> Path:
-    """Write a canonical (z, y, x) float map (e.g. uncertainty) onto the input's grid."""
-    values = np.asarray(values, dtype=np.float32)
+    """Write a canonical (z, y, x) map (e.g. uncertainty: uint8 stays uint8, anything else
+    becomes float32) onto the input's grid."""
+    values = np.asarray(values)
+    if values.dtype != np.uint8:
+        values = values.astype(np.float32)
     if values.shape != props.shape_zyx:
         raise GeometryError(f"map for {props.path} has shape {values.shape}, expected {props.shape_zyx}")
     img = sitk.GetImageFromArray(from_canonical(values, props))

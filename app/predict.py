@@ -238,7 +238,7 @@ class Predictor:
             report["timings"] = timings
             report["warning"] = "no organ predicted on any sampled slice"
             if self.opt.uncertainty:
-                report["uncertainty_map"] = np.ones((n, h, w), np.float32)
+                report["uncertainty_map"] = np.full((n, h, w), UNCERTAIN, np.uint8)
             return labels, report
 
         t0 = time.perf_counter()
@@ -248,14 +248,14 @@ class Predictor:
         report["propagation"] = {"config": engine.cfg.to_json(), **result.stats.to_json()}
 
         t0 = time.perf_counter()
-        umap = np.zeros((n, h, w), np.float32) if self.opt.uncertainty else None
+        umap = np.zeros((n, h, w), np.uint8) if self.opt.uncertainty else None
         for t in range(n):
             labels[t] = result.labels(t, (h, w))
             if umap is not None:
                 if t in ref_dis:  # reference slices: how much the two CPS members disagree
-                    umap[t] = resize_stack(ref_dis[t].astype(np.float32), (h, w))
+                    umap[t] = uncertainty_slice(ref_dis[t], (h, w))
                 else:  # propagated slices: normalised entropy of the composed probabilities
-                    umap[t] = result.entropy(t, (h, w))
+                    umap[t] = uncertainty_slice(result.entropy(t), (h, w))
         timings["compose"] = time.perf_counter() - t0
         if umap is not None:
             report["uncertainty_map"] = umap
@@ -269,7 +269,7 @@ class Predictor:
         n, h, w = volume.shape
         timings: dict[str, float] = {}
         labels = np.zeros((n, h, w), np.uint8)
-        umap = np.zeros((n, h, w), np.float32) if self.opt.uncertainty else None
+        umap = np.zeros((n, h, w), np.uint8) if self.opt.uncertainty else None
         t0 = time.perf_counter()
         cands = sample_candidates(n, self.sampling["every"], self.sampling["max"])
         keep_probs = self.mode in ("interp", "fused")
@@ -289,7 +289,7 @@ class Predictor:
                 if both:
                     member_dsc[pos + j] = member_dice(out["probs_a"][j], out["probs_b"][j], self.num_organs)
                 if umap is not None:
-                    umap[t] = resize_stack(normalised_entropy(p), (h, w))
+                    umap[t] = uncertainty_slice(normalised_entropy(p), (h, w))
             if both:
                 agreement.append(member_agreement(out["probs_a"], out["probs_b"], self.num_organs))
             pos += len(b)
@@ -353,12 +353,23 @@ class Predictor:
                 dist = stcn if dist is None else fw * stcn + (1 - fw) * dist
             labels[t] = argmax_resized(dist, (h, w))
             if umap is not None:
-                umap[t] = resize_stack(normalised_entropy(dist), (h, w))
+                umap[t] = uncertainty_slice(normalised_entropy(dist), (h, w))
         timings["compose"] = time.perf_counter() - t0
         if umap is not None:
             report["uncertainty_map"] = umap
         report["timings"] = timings
         return labels, report
+
+
+UNCERTAIN = 255  # the uncertainty map's scale: 0 = certain .. 255 = uncertainty 1
+
+
+def uncertainty_slice(u: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """One slice of the uncertainty map: a (H, W) map in 0..1 at model resolution, resized to
+    the native ``hw`` as one channel (not the class stack: that cost 10x the plain run on
+    512 x 512 x 600) and stored as uint8 0..255 (a quarter of float32's memory and write)."""
+    u = resize_stack(np.asarray(u, np.float32), hw)
+    return np.clip(np.rint(u * UNCERTAIN), 0, UNCERTAIN).astype(np.uint8)
 
 
 def member_dice(pa: np.ndarray, pb: np.ndarray, num_organs: int) -> np.ndarray:
@@ -495,9 +506,9 @@ def predict_folder(
             predictor = Predictor(bundle, options)
         except Flare22Error:
             raise
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing a graph: one line, naming the bundle
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing a graph, an unknown mode: one line
             detail = " ".join(str(exc).split())[:240]
-            raise BundleError(bundle.path, f"its graphs cannot be loaded ({type(exc).__name__}: {detail})") from None
+            raise BundleError(bundle.path, f"cannot be used: {type(exc).__name__}: {detail}") from None
         log.info("bundle %s; backend %s; providers %s", bundle.path, predictor.info["backend"], predictor.info["providers"])
         return _run_cases(predictor, cases, out, rep, quiet, review_threshold)
     finally:
@@ -703,7 +714,8 @@ def add_arguments(p) -> None:
     p.add_argument("--published-propagation", action="store_true",
                    help="the same as --mode published (the authors' propagation and cost)")
     p.add_argument("--uncertainty", action="store_true",
-                   help="also write <case>_uncertainty.nii.gz (member disagreement / propagation entropy)")
+                   help="also write <case>_uncertainty.nii.gz: uint8, 0 = certain .. 255 = most uncertain "
+                        "(member disagreement / normalised entropy, x 255)")
     p.add_argument("--review-threshold", type=probability, default=0.8,
                    help="flag cases whose CPS member agreement is below this in review.csv")
     p.add_argument("--quiet", action="store_true")

@@ -36,12 +36,20 @@ def _benchmark():
     return module
 
 
+def _fuzz():
+    """evaluation.fuzz, with the random-bundle export it may not import itself."""
+    module = importlib.import_module("evaluation.fuzz")
+    module.RANDOM_BUNDLE = _random_bundle
+    return module
+
+
 COMMANDS = {
     **APPLIANCE_COMMANDS,
     "evaluate": (_module("evaluation.scoring"), "FLARE22 DSC / NSD of predictions against ground truth"),
     "phantom": (_module("evaluation.phantom"), "generate synthetic abdomen CT cases with FLARE22 labels"),
     "efficiency": (_module("evaluation.harness"), "run a command once per case and measure it as FLARE does"),
     "benchmark": (_benchmark, "full pipeline vs dense baseline on 512 x 512 x N phantoms"),
+    "fuzz": (_fuzz, "seeded, bounded fuzzing of inputs and bundles: no traceback, hang or stray write"),
     "train-reference": (_module("training.train_reference"), "train the CPS pair (TransUNet + DeepLabV3+)"),
     "train-propagation": (_module("training.train_propagation"), "train the STCN propagation network"),
     "pseudo-label": (_module("training.pseudo_label"), "pseudo labels with uncertainty estimation"),

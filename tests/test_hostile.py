@@ -649,3 +649,22 @@ def test_export_force_replaces_only_a_bundle(tiny_bundle, tmp_path, monkeypatch)
     xb.export_bundle(target, force=True)
     assert (target / "stcn_key.onnx").read_bytes() == (tiny_bundle / "stcn_key.onnx").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".mha", ".mhd", ".nrrd"])
+def test_every_format_is_size_checked_before_reading(tmp_path, suffix):
+    """The formats read_ct takes outside a case folder too (assist, evaluate): a file cut in
+    half is refused from its size, before ITK allocates its voxels."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from app.ctio import read_ct
+    from app.errors import InputError
+
+    path = tmp_path / f"half{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((20, 30, 30), np.int16)), str(path), useCompression=False)
+    data_file = tmp_path / "half.raw" if suffix == ".mhd" else path
+    data = data_file.read_bytes()
+    data_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated image \\(the header claims 36000 voxel bytes"):
+        read_ct(path)

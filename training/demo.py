@@ -202,7 +202,8 @@ def main(argv=None) -> int:
         est = expected_training_seconds(cmds, out, b, env)
         for phase, sec in est["seconds_per_iteration"].items():
             print(f"    {phase}: {sec:.2f} s per iteration")
-        print(f"    training will take about {est['training_seconds'] / 60:.0f} min on this machine as loaded now "
+        sec = est["training_seconds"]
+        print(f"    training will take about {sec / 60:.0f} min ({sec:.0f} s) on this machine as loaded now "
               "(validation, export, prediction, evaluation and the efficiency harness come on top)", flush=True)
         (out / "expected.json").write_text(json.dumps(est, indent=1))
         done(t)

@@ -261,14 +261,8 @@ def load_stcn(checkpoint):
 
 
 def add_arguments(p) -> None:
-    T.add_config_arguments(p, PropagationTrainConfig, model={"choices": sorted(STCN_CONFIGS)})
-    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl")
-    p.add_argument("--resume", help="checkpoint to continue from (its config wins)")
-    p.add_argument("--no-progress", action="store_true")
+    T.add_trainer_arguments(p, PropagationTrainConfig, STCN_CONFIGS)
 
 
 def run(args) -> int:
-    cfg = T.config_from_args(PropagationTrainConfig, args)
-    s = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"propagation training done: best validation mean DSC {s['best_val_dsc']:.4f}; {s['checkpoint']}")
-    return 0
+    return T.run_trainer(args, PropagationTrainConfig, train, "propagation")

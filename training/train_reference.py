@@ -220,14 +220,8 @@ def load_pair(checkpoint: str | Path):
 
 
 def add_arguments(p) -> None:
-    T.add_config_arguments(p, ReferenceTrainConfig, model={"choices": sorted(REFERENCE_CONFIGS)})
-    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl")
-    p.add_argument("--resume", help="checkpoint to continue from (its config wins)")
-    p.add_argument("--no-progress", action="store_true")
+    T.add_trainer_arguments(p, ReferenceTrainConfig, REFERENCE_CONFIGS)
 
 
 def run(args) -> int:
-    cfg = T.config_from_args(ReferenceTrainConfig, args)
-    summary = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"reference training done: best validation mean DSC {summary['best_val_dsc']:.4f}; {summary['checkpoint']}")
-    return 0
+    return T.run_trainer(args, ReferenceTrainConfig, train, "reference")

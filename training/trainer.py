@@ -203,6 +203,22 @@ def add_config_arguments(parser, cls, **overrides) -> None:
         parser.add_argument(name, dest=f.name, default=f.default, help=help_text, **meta)
 
 
+def add_trainer_arguments(parser, cls, configs) -> None:
+    """A trainer's command line: the flags of its config ``cls`` (``--config`` one of
+    ``configs``), ``--out``, ``--resume`` and ``--no-progress``."""
+    add_config_arguments(parser, cls, model={"choices": sorted(configs)})
+    parser.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl")
+    parser.add_argument("--resume", help="checkpoint to continue from (its config wins)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_trainer(args, cls, train, name: str) -> int:
+    """Run ``train`` on the config the flags give; print the best checkpoint."""
+    summary = train(config_from_args(cls, args), args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"{name} training done: best validation mean DSC {summary['best_val_dsc']:.4f}; {summary['checkpoint']}")
+    return 0
+
+
 def config_from_args(cls, args, **extra):
     """The config ``cls`` from parsed flags (fields without a flag keep their default)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
