@@ -144,7 +144,11 @@ def test_manifest_fields(tiny_bundle, manifest):
     windows = [(w["name"], w["lo"], w["hi"]) for w in manifest["windows"]]
     assert windows == [("abdomen", -150, 250), ("chest", -1350, 225), ("spine", -500, 1300)]
     assert manifest["input_size"] == [128, 128] and manifest["stride"] == 16
-    assert manifest["sampling"] == {"every": 5, "max": 64}
+    from app.predict import MODES
+
+    sampling = dict(manifest["sampling"])
+    assert sampling.pop("mode", "largest") in MODES  # the bundle's default pipeline mode
+    assert sampling == {"every": 5, "max": 64}
     assert manifest["selection"] == "largest_area"
     prop = manifest["propagation"]
     assert (prop["top_k"], prop["mem_every"], prop["max_memory"]) == (20, 5, 200)
