@@ -37,7 +37,11 @@ class OutputFolder:
             remove_dead_runs(self.folder)
             staging = Path(tempfile.mkdtemp(prefix=_NEW_PREFIX, dir=self.folder))
             fd = os.open(staging / _LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:  # a file system without flock: the folder is then never
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):  # provably dead,
+                    raise  # so no other run removes it; this run still removes it itself
             self.private = self.folder / (RUN_PREFIX + staging.name[len(_NEW_PREFIX):])
             os.rename(staging, self.private)  # visible as a run's folder only once locked
         except OSError as exc:
@@ -78,10 +82,8 @@ def remove_dead_runs(folder: Path) -> list[str]:
             continue  # no lock we can read: not provably ours to remove
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+        except OSError:  # held: a live run (or no flock here: nothing provable)
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                continue  # a live run
             continue
         try:
             for q in p.iterdir():  # a run's folder holds only plain files

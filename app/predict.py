@@ -74,7 +74,7 @@ MODES = {
 }
 # The default run (docs/method.md, "Choosing the default"): the mode and sampling a bundle
 # gets from `flare22 export` unless told otherwise, and what a manifest without them runs.
-DEFAULT_SAMPLING = {"mode": "largest", "every": 5, "max": 64}
+DEFAULT_SAMPLING = {"mode": "nearest", "every": 2, "max": 64}
 DEFAULT_MODE = DEFAULT_SAMPLING["mode"]
 LEGACY_MODES = {"propagate": "largest"}  # the name of the largest-area pipeline before the modes
 SAMPLING_KEYS = ("every", "max")  # --propagation-option keys that set the sampling, not the engine

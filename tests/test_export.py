@@ -20,6 +20,7 @@ from app.backends import load_backends
 from app.bundle import FORMAT, FORMAT_VERSION, load_bundle, sha256_file
 from app.errors import BundleError
 from app.labels import CLASS_NAMES
+from app.predict import DEFAULT_SAMPLING
 from export.graphs import GRAPHS, Dims, modules, stcn_channels
 from training.torch_backend import load_torch_backends, rebuild_networks
 
@@ -144,11 +145,7 @@ def test_manifest_fields(tiny_bundle, manifest):
     windows = [(w["name"], w["lo"], w["hi"]) for w in manifest["windows"]]
     assert windows == [("abdomen", -150, 250), ("chest", -1350, 225), ("spine", -500, 1300)]
     assert manifest["input_size"] == [128, 128] and manifest["stride"] == 16
-    from app.predict import MODES
-
-    sampling = dict(manifest["sampling"])
-    assert sampling.pop("mode", "largest") in MODES  # the bundle's default pipeline mode
-    assert sampling == {"every": 5, "max": 64}
+    assert manifest["sampling"] == DEFAULT_SAMPLING
     assert manifest["selection"] == "largest_area"
     prop = manifest["propagation"]
     assert (prop["top_k"], prop["mem_every"], prop["max_memory"]) == (20, 5, 200)
@@ -348,7 +345,9 @@ def test_seeded_bundle_labels_are_pinned(tiny_bundle, phantom_volumes, backend):
     bundle = load_bundle(tiny_bundle)
     backends = load_torch_backends(bundle, device="cpu", threads=1, programs=False) if backend == "torch" else None
     for mode, want in PINNED_LABELS.items():
-        predictor = Predictor(bundle, PredictOptions(mode=mode, device="cpu", threads=1), backends=backends)
+        # pinned with the sampling of that time (every 5th slice); the default has since moved
+        opts = PredictOptions(mode=mode, device="cpu", threads=1, propagation={"every": 5})
+        predictor = Predictor(bundle, opts, backends=backends)
         got = {name: _digest(predictor.predict_volume(v)[0]) for name, v in phantom_volumes.items()}
         assert got == want, (backend, mode)
     assert len(set(PINNED_LABELS["dense"].values())) == 3  # three different, non-trivial label volumes

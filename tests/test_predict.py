@@ -20,7 +20,8 @@ import SimpleITK as sitk
 
 from app.bundle import load_bundle
 from app.ctio import AIR_HU, read_ct
-from app.predict import PredictOptions, Predictor, predict_folder, sample_candidates, select_largest_area
+from app.predict import (DEFAULT_SAMPLING, PredictOptions, Predictor, predict_folder, sample_candidates,
+                         select_largest_area)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -135,7 +136,7 @@ def test_phantoms_case_reports(phantom_cases, phantom_run):
         r = json.loads((out / f"{c}.json").read_text())
         assert r["case"] == c and r["ok"] is True and r["error"] is None
         assert r["mode"] == "largest" and r["num_slices"] == 24
-        assert r["sampled"] == sample_candidates(24).tolist()
+        assert r["sampled"] == sample_candidates(24, DEFAULT_SAMPLING["every"], DEFAULT_SAMPLING["max"]).tolist()
         assert set(map(int, r["references"])) <= set(r["sampled"])
         assert all(1 <= o <= 13 for organs in r["references"].values() for o in organs)
         with_refs += bool(r["references"])
