@@ -1,10 +1,13 @@
 """The appliance's pipeline: every ``*_0000`` CT in a folder -> ``<case>.nii.gz`` labels.
 
 Per case: read and canonicalise -> window k uniformly sampled axial slices -> the CPS pair
-(summed softmax) -> largest-area reference selection -> bidirectional STCN propagation
-(app.propagation) -> probabilities back to the native in-plane size one slice at a time ->
-argmax -> the input's exact grid, written atomically. A per-case JSON report records the
-slices sampled, the references chosen, stage timings and the providers that ran.
+(summed softmax) -> the mode (``MODES``) fills the other slices: a copy of the nearest
+sampled slice (the default, every 2nd slice), interpolation, or bidirectional STCN
+propagation (app.propagation) from the largest-area or the reliable sampled slices; or
+``dense``, the pair on every slice -> probabilities back to the native in-plane size one
+slice at a time -> argmax -> the input's exact grid, written atomically. A per-case JSON
+report records the mode, the slices sampled, the references chosen, stage timings and the
+providers that ran.
 
 Reading the next case overlaps with computing the current one (a bounded queue), writing
 happens in a background thread, one bad case never stops the others. Outputs are written
