@@ -68,8 +68,7 @@ class Bundle:
 
     @property
     def propagation(self) -> PropagationConfig:
-        known = PropagationConfig.__dataclass_fields__
-        return PropagationConfig(**{k: v for k, v in self.manifest["propagation"].items() if k in known})
+        return PropagationConfig(**self.manifest["propagation"])  # keys checked at load
 
     def graph(self, name: str) -> dict:
         return self.manifest["graphs"][name]
@@ -202,6 +201,9 @@ def _check_schema(path: Path, m: dict) -> None:
         need(_is_int(sampling.get(f)) and sampling[f] >= 1, f"sampling.{f}", "must be an integer >= 1")
     prop = m["propagation"]
     need(isinstance(prop, dict), "propagation", f"must be an object, not {_kind(prop)}")
+    known = [f.name for f in dataclasses.fields(PropagationConfig)]
+    for key in prop:  # a misspelt setting would otherwise be dropped without a word
+        need(key in known, f"propagation.{str(key)[:80]}", f"unknown setting (known: {', '.join(known)})")
     for f in dataclasses.fields(PropagationConfig):
         if f.name not in prop:
             continue

@@ -598,6 +598,7 @@ ROWS: list[tuple[int, str, Callable[[Scene], Expect]]] = [
                                         "manifest field windows[0].sub_windows")),
     (8, "sampling every = 0", bad_bundle(_set("sampling.every", 0), "manifest field sampling.every")),
     (8, "propagation top_k = {}", bad_bundle(_set("propagation.top_k", {}), "manifest field propagation.top_k")),
+    (8, "propagation setting misspelt", bad_bundle(_set("propagation.topk", 5), "manifest field propagation.topk: unknown")),
     (8, "propagation {} replaced by a list", bad_bundle(_set("propagation", []), "manifest field propagation:")),
     (8, "graph swapped for one with other inputs (hash updated)",
      bad_bundle(_swapped_graph, "graph 'stcn_skip' file stcn_skip.onnx has inputs ['image']")),
