@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,18 @@ def phantom_cases(tmp_path_factory) -> Path:
     write_dataset(root, 2, seed=0, shape_zyx=(24, 48, 48), unlabeled=True)
     write_dataset(root, 1, seed=1, shape_zyx=(24, 48, 48), prefix="Rot", unlabeled=True, random_orientation=True)
     return root / "images"
+
+
+def editable_bundle_copy(src: Path, dst: Path) -> Path:
+    """A cheap editable copy of a bundle: a real manifest, hard links to the other files
+    (a bundle's files must be its own: a link leaving the folder is refused)."""
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name == "manifest.json":
+            shutil.copy(p, dst / p.name)
+        else:
+            try:
+                os.link(p, dst / p.name)
+            except OSError:
+                shutil.copy(p, dst / p.name)
+    return dst

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+
+from .conftest import editable_bundle_copy
 import torch
 
 import export.bundle as xb
@@ -174,17 +176,7 @@ def test_bundle_files_readable_by_any_user(tiny_bundle):
 def bundle_copy(tiny_bundle, tmp_path) -> Path:
     """A cheap editable copy: hard links to the shared bundle's files (a bundle's files must
     be its own: a link leaving the folder is refused), a real manifest."""
-    dst = tmp_path / "bundle"
-    dst.mkdir()
-    for p in tiny_bundle.iterdir():
-        if p.name == "manifest.json":
-            shutil.copy(p, dst / p.name)
-        else:
-            try:
-                os.link(p, dst / p.name)
-            except OSError:
-                shutil.copy(p, dst / p.name)
-    return dst
+    return editable_bundle_copy(tiny_bundle, tmp_path / "bundle")
 
 
 def _edit_manifest(bundle: Path, fn) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import editable_bundle_copy
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ENV = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
@@ -35,17 +37,7 @@ class Scene:
 
     def copy_bundle(self, name: str = "bundle") -> Path:
         """A private, editable copy of the tiny bundle (hard links where possible)."""
-        dst = self.root / name
-        dst.mkdir()
-        for p in self.bundle.iterdir():
-            if p.name == "manifest.json":
-                shutil.copy(p, dst / p.name)
-            else:
-                try:
-                    os.link(p, dst / p.name)
-                except OSError:
-                    shutil.copy(p, dst / p.name)
-        return dst
+        return editable_bundle_copy(self.bundle, self.root / name)
 
     def input_folder(self, *names: str, src: str = "Phantom_0001_0000.nii.gz") -> Path:
         inp = self.root / "in"
