@@ -45,7 +45,9 @@ image-test: setup
 
 # The peer of bench/peers.py (issue 18): nnU-Net v2 in its own environment, so that neither
 # .venv nor the appliance ever holds it. torch first, pinned to the build the project uses,
-# so that nnunetv2 cannot pull another one (checked at the end).
+# so that nnunetv2 cannot pull another one (checked at the end). Not the `train` extra: its
+# timm==1.0.31 conflicts with dynamic-network-architectures 0.4.4 (timm<1.0.23); our side of
+# the benchmark runs in .venv.
 PEERS_VENV := .venv-peers
 peers-setup: $(PEERS_VENV)/.installed
 
@@ -53,7 +55,7 @@ $(PEERS_VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
 	$(PEERS_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PEERS_VENV)/bin/python -m pip install -q -e ".[cpu,train,peers]"
+	$(PEERS_VENV)/bin/python -m pip install -q -e ".[cpu,peers,test]"
 	$(PEERS_VENV)/bin/python -c "import torch, nnunetv2; v = torch.__version__; assert v.split('+')[0] == '2.14.1', v; print('peers: torch', v)"
 	touch $@
 
