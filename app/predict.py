@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from .argtypes import positive_int, probability
 from .backends import DEVICES, EXTRA_BACKENDS, PRECISIONS, RUNTIMES, load_backends
@@ -41,6 +40,7 @@ from .errors import BundleError, Flare22Error
 from .outputs import OutputFolder, hidden_cases, plan_outputs
 from .propagation import PUBLISHED, PropagationConfig, PropagationEngine, normalised_entropy, organ_distribution
 from .resize import argmax_resized, resize_stack
+from .shapes import ShapeInterpolator
 from .windowing import window_slices
 
 log = logging.getLogger("flare22")
@@ -69,7 +69,7 @@ MODES = {
     "dense": "the CPS pair on every slice, no propagation",
     "interp": "the pair on the sampled slices, its probabilities interpolated linearly along z",
     "nearest": "the pair on the sampled slices, every other slice copies the nearest one's labels",
-    "shape": "the pair on the sampled slices, each organ's signed distance interpolated along z",
+    "shape": "the pair on the sampled slices, each organ's signed distance interpolated along z (app.shapes)",
     "largest": "STCN from each organ's largest-area sampled slice, with the cost switches on",
     "published": "STCN from each organ's largest-area sampled slice, the paper's propagation",
     "reliable": "STCN from every sampled slice where the pair is reliable, votes weighted by distance",
@@ -330,17 +330,14 @@ class Predictor:
             report["propagation"] = {"config": engine.cfg.to_json(), **result.stats.to_json()}
 
         t0 = time.perf_counter()
-        shapes: dict[int, np.ndarray] = {}  # candidate -> organ signed distances, for ``shape``
+        shapes = (ShapeInterpolator({int(c): masks[i] for i, c in enumerate(cands)}, cands.tolist())
+                  if self.mode == "shape" else None)
         for t in others:
             i = int(np.searchsorted(cands, t))  # cands[i - 1] < t < cands[i]
             lo, hi = (i - 1 if i > 0 else None), (i if i < len(cands) else None)
-            if self.mode == "shape" and lo is not None and hi is not None:
-                for c in (lo, hi):
-                    if c not in shapes:
-                        shapes = {k: v for k, v in shapes.items() if k >= lo}
-                        shapes[c] = signed_distances(masks[c], self.num_organs)
+            if shapes is not None and lo is not None and hi is not None:
                 a = (t - cands[lo]) / (cands[hi] - cands[lo])
-                labels[t] = argmax_resized(interpolate_shapes(shapes[lo], shapes[hi], a), (h, w))
+                labels[t] = argmax_resized(shapes.scores(t, self.num_organs), (h, w))
                 if umap is not None:
                     umap[t] = umap[cands[lo if a <= 0.5 else hi]]
                 continue
@@ -392,33 +389,6 @@ def member_dice(pa: np.ndarray, pb: np.ndarray, num_organs: int) -> np.ndarray:
     nb = np.bincount(mb, minlength=num_organs + 1)[1:]
     inter = np.bincount(ma[ma == mb], minlength=num_organs + 1)[1:]
     return np.where(na + nb > 0, 2 * inter / np.maximum(na + nb, 1), 1.0)
-
-
-def signed_distances(mask: np.ndarray, num_organs: int) -> np.ndarray:
-    """(H, W) labels -> (num_organs, H, W) float32 signed distance of each organ's mask in
-    pixels (positive inside); NaN for organs absent from the slice."""
-    out = np.full((num_organs, *mask.shape), np.nan, np.float32)
-    for o in np.unique(mask):
-        if o == 0:
-            continue
-        m = mask == o
-        out[o - 1] = ndimage.distance_transform_edt(m) - ndimage.distance_transform_edt(~m)
-    return out
-
-
-def interpolate_shapes(lo: np.ndarray, hi: np.ndarray, a: float) -> np.ndarray:
-    """Shape-based interpolation of two slices' signed distances at fraction ``a`` (0 = lo):
-    (C+1, H, W) scores, background 0 first, an organ where its distance is positive. An organ
-    on one side only shrinks to nothing at the midpoint (its missing distance is its own
-    shifted down by twice its depth)."""
-    lo, hi = lo.copy(), hi.copy()
-    only_lo, only_hi = np.isnan(hi[:, 0, 0]) & ~np.isnan(lo[:, 0, 0]), np.isnan(lo[:, 0, 0]) & ~np.isnan(hi[:, 0, 0])
-    for o in np.nonzero(only_lo)[0]:
-        hi[o] = lo[o] - 2 * max(float(lo[o].max()), 0.5)
-    for o in np.nonzero(only_hi)[0]:
-        lo[o] = hi[o] - 2 * max(float(hi[o].max()), 0.5)
-    scores = np.nan_to_num((1 - a) * lo + a * hi, nan=-1e4)
-    return np.concatenate([np.zeros((1, *scores.shape[1:]), np.float32), scores])
 
 
 def reliability(areas: np.ndarray, member_dsc: np.ndarray, fraction: float, agreement: float) -> np.ndarray:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from app.assist import (FusionConfig, ShapeInterpolator, fill_modes, fuse, interpolate, largest_area_slices,
-                        nearest_copy, propagate_annotations, signed_distance)
+from app.assist import FusionConfig, fill_modes, fuse, interpolate, largest_area_slices, nearest_copy, propagate_annotations
+from app.shapes import ShapeInterpolator, signed_distance
 from evaluation.phantom import generate
 from app.propagation import PropagationConfig
 
