@@ -14,6 +14,13 @@ CUDA arena grows by what is requested (``kSameAsRequested``, not doubling) up to
 ``FLARE22_GPU_MEM_MB`` (default 4096 MiB), since GPU memory is scored; convolution algorithms
 are picked by heuristic, not by an exhaustive search per new crop shape.
 
+Runtimes (``--runtime``): ``ort`` (ONNX Runtime, the providers above) or ``openvino``
+(OpenVINO's CPU plugin reading the bundle's ONNX graphs directly; CPU only; an optional extra,
+``pip install flare22[openvino]``). Precision (``--precision``): ``fp32``, ``int8`` (the graphs
+``flare22 quantize`` adds to a bundle, ``onnx_int8`` in the manifest; graphs without one run
+in fp32) or ``auto`` (int8 wherever the bundle has it). What ran, per graph, goes into every
+case report (``backend.runtime``, ``backend.precision``, ``backend.providers``).
+
 Memory read: the bundle's ``stcn_read`` graph where the bundle has one (bundles exported
 before ``export.graphs`` dropped it) and the memory holds at least its baked-in ``top_k``
 entries (on the CPU provider it beat the numpy read at every memory size measured, 1.4-6x,
@@ -32,11 +39,14 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle
+from .errors import Flare22Error
 from .propagation import NumpyMemoryMixin
 
 log = logging.getLogger("flare22")
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+RUNTIMES = ("ort", "openvino")
+PRECISIONS = ("auto", "fp32", "int8")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 DEFAULT_GPU_MEM_MB = 4096
 _state = {"preloaded": None, "warned": False}
@@ -111,27 +121,63 @@ def providers_for(device: str) -> list[str]:
     return [p for p in chain if p in available] or ["CPUExecutionProvider"]
 
 
+class RuntimeMissing(Flare22Error):
+    """A runtime asked for that is not installed here (one line, exit 2)."""
+
+
+def graph_file(bundle: Bundle, name: str, precision: str = "fp32", fp16: bool = False) -> tuple[str, str]:
+    """(file, precision) of one graph: its int8 copy where ``precision`` is int8 or auto and
+    the bundle has one, its fp16 copy where asked and present, else the fp32 graph."""
+    spec = bundle.graph(name)
+    if precision in ("int8", "auto") and spec.get("onnx_int8"):
+        return spec["onnx_int8"], "int8"
+    if fp16 and spec.get("onnx_fp16"):
+        return spec["onnx_fp16"], "fp16"
+    return spec["onnx"], "fp32"
+
+
+def ort_session_options(threads: int | None = None, *, optimization: str = "all", mem_pattern: bool = True,
+                        cpu_arena: bool = True, spinning: bool = True):
+    """ONNX Runtime session options: graph optimisation level (``all``, ``extended``, ``basic``,
+    ``none``), intra-op threads (inter-op 1), memory pattern, CPU arena and thread spinning;
+    the defaults are the appliance's (bench/runtimes.py measures each setting)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.enable_mem_pattern = mem_pattern
+    so.enable_cpu_mem_arena = cpu_arena
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 class OrtGraph:
     """One exported graph in one ONNX Runtime session, called with named numpy arrays."""
 
-    def __init__(self, bundle: Bundle, name: str, providers: list[str], threads: int | None = None, fp16: bool = False):
+    runtime = "ort"
+
+    def __init__(self, bundle: Bundle, name: str, providers: list[str], threads: int | None = None, fp16: bool = False,
+                 precision: str = "fp32"):
         import onnxruntime as ort
 
         spec = bundle.graph(name)
-        rel = spec.get("onnx_fp16") if fp16 and spec.get("onnx_fp16") else spec["onnx"]
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
+        rel, self.precision = graph_file(bundle, name, precision, fp16)
+        so = ort_session_options(threads)
         self.name = name
         if any(p in GPU_PROVIDERS for p in providers):
             preload_cuda()
         self.session = ort.InferenceSession(str(bundle.file(rel)), so, providers=session_providers(providers))
         self.inputs = [i["name"] for i in spec["inputs"]]
         self.outputs = [o["name"] for o in spec["outputs"]]
-        self.dtype = np.float16 if fp16 and spec.get("onnx_fp16") else np.float32
+        self.dtype = np.float16 if self.precision == "fp16" else np.float32
 
     @property
     def providers(self) -> list[str]:
@@ -143,11 +189,68 @@ class OrtGraph:
         return [o.astype(np.float32, copy=False) for o in outs]
 
 
+def openvino_core():
+    """OpenVINO's ``Core``, one per process; RuntimeMissing where openvino is not installed."""
+    if "core" not in _state:
+        try:
+            import openvino
+        except ImportError:
+            raise RuntimeMissing("runtime openvino is not installed here: pip install 'flare22[openvino]' "
+                                 "(or openvino), or use --runtime ort") from None
+        _state["core"] = openvino.Core()
+    return _state["core"]
+
+
+def openvino_config(threads: int | None = None, hint: str = "LATENCY", inference_precision: str = "f32") -> dict:
+    """The CPU plugin's settings: latency hint (one stream, all threads on one request), fp32
+    arithmetic for the graphs' fp32 parts (int8 graphs run their quantised parts in int8)."""
+    cfg = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": inference_precision}
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    return cfg
+
+
+class OvGraph:
+    """One exported graph compiled by OpenVINO for the CPU, called like :class:`OrtGraph`."""
+
+    runtime = "openvino"
+
+    def __init__(self, bundle: Bundle, name: str, threads: int | None = None, precision: str = "fp32", **config):
+        core = openvino_core()
+        spec = bundle.graph(name)
+        rel, self.precision = graph_file(bundle, name, precision)
+        self.name = name
+        self.compiled = core.compile_model(core.read_model(str(bundle.file(rel))), "CPU", openvino_config(threads, **config))
+        self.request = self.compiled.create_infer_request()
+        self.inputs = [i["name"] for i in spec["inputs"]]
+        self.outputs = [o["name"] for o in spec["outputs"]]
+        self._ports = [self.compiled.output(n) for n in self.outputs]
+
+    @property
+    def providers(self) -> list[str]:
+        return ["OpenVINO CPU"]
+
+    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        feed = {n: np.ascontiguousarray(a, dtype=np.float32) for n, a in zip(self.inputs, arrays)}
+        res = self.request.infer(feed)  # outputs copied (share_outputs=False): safe past the next call
+        return [res[p] for p in self._ports]
+
+
+def make_graph(bundle: Bundle, name: str, *, runtime: str = "ort", providers: list[str] | None = None,
+               threads: int | None = None, precision: str = "fp32"):
+    """A callable graph on the chosen runtime (``ort`` with ``providers``, or ``openvino``)."""
+    if runtime == "openvino":
+        return OvGraph(bundle, name, threads, precision)
+    return OrtGraph(bundle, name, providers or ["CPUExecutionProvider"], threads, precision=precision)
+
+
 class OrtReference:
     """The CPS pair as one graph: (slices, positions) -> summed softmax (and each member's)."""
 
-    def __init__(self, bundle: Bundle, providers: list[str], threads: int | None = None):
-        self.graph = OrtGraph(bundle, "reference", providers, threads)
+    def __init__(self, bundle: Bundle, providers: list[str], threads: int | None = None, *, runtime: str = "ort",
+                 precision: str = "fp32"):
+        self.graph = make_graph(bundle, "reference", runtime=runtime, providers=providers, threads=threads,
+                                precision=precision)
 
     def __call__(self, images: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
         outs = self.graph(images, positions.astype(np.float32))
@@ -155,17 +258,22 @@ class OrtReference:
 
 
 class OrtStcnBackend(NumpyMemoryMixin):
-    def __init__(self, bundle: Bundle, providers: list[str], threads: int | None = None):
+    def __init__(self, bundle: Bundle, providers: list[str], threads: int | None = None, *, runtime: str = "ort",
+                 precision: str = "fp32"):
         self.stride = bundle.stride
-        self.key = OrtGraph(bundle, "stcn_key", providers, threads)
-        self.skip = OrtGraph(bundle, "stcn_skip", providers, threads)
-        self.value = OrtGraph(bundle, "stcn_value", providers, threads)
-        self.dec = OrtGraph(bundle, "stcn_decode", providers, threads)
+
+        def graph(name):
+            return make_graph(bundle, name, runtime=runtime, providers=providers, threads=threads, precision=precision)
+
+        self.key = graph("stcn_key")
+        self.skip = graph("stcn_skip")
+        self.value = graph("stcn_value")
+        self.dec = graph("stcn_decode")
         # the read graph where the bundle has one (faster than numpy on the CPU too)
         self.read = None
         self.read_top_k = 0
         if "stcn_read" in bundle.manifest.get("graphs", {}):
-            self.read = OrtGraph(bundle, "stcn_read", providers, threads)
+            self.read = graph("stcn_read")
             self.read_top_k = int(bundle.manifest.get("propagation", {}).get("top_k", 0) or 0)
 
     def read_memory(self, mem_keys, mem_values, query_key, top_k):
@@ -187,6 +295,9 @@ class OrtStcnBackend(NumpyMemoryMixin):
     def decode(self, readout, qv, s8, s4):
         return self.dec(readout, qv, s8, s4)[0]
 
+    def graphs(self) -> list:
+        return [g for g in (self.key, self.skip, self.value, self.dec, self.read) if g is not None]
+
 
 # Extra backends by name (``--backend torch``): registered from outside the appliance (the
 # top-level ``flare22`` command registers the torch one), so ``app/`` never names torch.
@@ -198,23 +309,44 @@ def register_backend(name: str, loader) -> None:
     EXTRA_BACKENDS[name] = loader
 
 
-def load_backends(bundle: Bundle, *, backend: str = "onnx", device: str = "auto", threads: int | None = None) -> tuple[Any, Any, dict]:
-    """(reference, stcn backend, info) for a bundle: ONNX Runtime, or a registered backend."""
+def load_backends(bundle: Bundle, *, backend: str = "onnx", device: str = "auto", threads: int | None = None,
+                  runtime: str = "ort", precision: str = "fp32") -> tuple[Any, Any, dict]:
+    """(reference, stcn backend, info) for a bundle: ONNX Runtime or OpenVINO, or a registered
+    backend. ``info`` records what runs: runtime, providers and each graph's precision."""
     if backend in EXTRA_BACKENDS:
         return EXTRA_BACKENDS[backend](bundle, device=device, threads=threads)
     if backend != "onnx":
         known = ", ".join(["onnx", *EXTRA_BACKENDS])
         raise ValueError(f"backend {backend!r} is not available here (available: {known}); "
                          "the torch backend needs the development install and the `flare22` command")
-    providers = providers_for(device)
-    ref = OrtReference(bundle, providers, threads)
-    stcn = OrtStcnBackend(bundle, providers, threads)
+    if runtime not in RUNTIMES:
+        raise Flare22Error(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if precision not in PRECISIONS:
+        raise Flare22Error(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and not any(g.get("onnx_int8") for g in bundle.manifest["graphs"].values()):
+        raise Flare22Error(f"model bundle {bundle.path} has no int8 graphs (flare22 quantize adds them); "
+                           "use --precision fp32")
+    if runtime == "openvino":
+        if device not in ("auto", "cpu"):
+            raise Flare22Error(f"--runtime openvino runs on the CPU here; --device {device} needs --runtime ort")
+        openvino_core()  # the one-line error before anything else loads
+        providers = ["OpenVINO CPU"]
+    else:
+        providers = providers_for(device)
+    ref = OrtReference(bundle, providers, threads, runtime=runtime, precision=precision)
+    stcn = OrtStcnBackend(bundle, providers, threads, runtime=runtime, precision=precision)
     actual = ref.graph.providers  # what the session really runs, not what is installed
-    info = {"backend": "onnxruntime", "requested_providers": providers, "providers": actual,
+    info = {"backend": "onnxruntime" if runtime == "ort" else "openvino", "runtime": runtime,
+            "requested_providers": providers, "providers": actual,
+            "precision": {g.name: g.precision for g in (ref.graph, *stcn.graphs())},
             "cuda_preloaded": bool(_state["preloaded"]), "memory_read": "onnx" if stcn.read is not None else "numpy"}
+    if runtime == "openvino":
+        import openvino
+
+        info["openvino"] = openvino.__version__
     if actual[0] in GPU_PROVIDERS:
         info["gpu_mem_limit_mb"] = gpu_mem_limit_bytes() // 2**20
-    log.info("ONNX Runtime providers: %s", ", ".join(actual))
+    log.info("%s providers: %s", "ONNX Runtime" if runtime == "ort" else "OpenVINO", ", ".join(actual))
     if providers[0] != actual[0] and not _state["warned"]:
         _state["warned"] = True
         log.warning("asked for %s but ONNX Runtime runs %s (CUDA or cuDNN libraries not loadable); "
