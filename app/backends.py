@@ -18,7 +18,8 @@ Runtimes (``--runtime``): ``ort`` (ONNX Runtime, the providers above) or ``openv
 (OpenVINO's CPU plugin reading the bundle's ONNX graphs directly; CPU only; an optional extra,
 ``pip install flare22[openvino]``). Precision (``--precision``): ``fp32``, ``int8`` (the graphs
 ``flare22 quantize`` adds to a bundle, ``onnx_int8`` in the manifest; graphs without one run
-in fp32) or ``auto`` (int8 wherever the bundle has it). What ran, per graph, goes into every
+in fp32), ``auto`` (int8 wherever the bundle has it) or ``bf16`` (OpenVINO only: the fp32
+graphs computed in bfloat16 on CPUs with AVX-512 BF16 or AMX). What ran, per graph, goes into every
 case report (``backend.runtime``, ``backend.precision``, ``backend.providers``).
 
 Memory read: the bundle's ``stcn_read`` graph where the bundle has one (bundles exported
@@ -46,7 +47,7 @@ log = logging.getLogger("flare22")
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 RUNTIMES = ("ort", "openvino")
-PRECISIONS = ("auto", "fp32", "int8")
+PRECISIONS = ("auto", "fp32", "int8", "bf16")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 DEFAULT_GPU_MEM_MB = 4096
 _state = {"preloaded": None, "warned": False}
@@ -219,8 +220,13 @@ class OvGraph:
         core = openvino_core()
         spec = bundle.graph(name)
         rel, self.precision = graph_file(bundle, name, precision)
+        if precision == "bf16":
+            config.setdefault("inference_precision", "bf16")
+            self.precision = "bf16"
         self.name = name
         self.compiled = core.compile_model(core.read_model(str(bundle.file(rel))), "CPU", openvino_config(threads, **config))
+        if self.precision == "bf16" and "bf" not in str(self.compiled.get_property("INFERENCE_PRECISION_HINT")):
+            self.precision = "fp32"  # a CPU without bf16 arithmetic: OpenVINO computes in fp32, and so we say
         self.request = self.compiled.create_infer_request()
         self.inputs = [i["name"] for i in spec["inputs"]]
         self.outputs = [o["name"] for o in spec["outputs"]]
@@ -326,6 +332,8 @@ def load_backends(bundle: Bundle, *, backend: str = "onnx", device: str = "auto"
     if precision == "int8" and not any(g.get("onnx_int8") for g in bundle.manifest["graphs"].values()):
         raise Flare22Error(f"model bundle {bundle.path} has no int8 graphs (flare22 quantize adds them); "
                            "use --precision fp32")
+    if precision == "bf16" and runtime != "openvino":
+        raise Flare22Error("--precision bf16 needs --runtime openvino")
     if runtime == "openvino":
         if device not in ("auto", "cpu"):
             raise Flare22Error(f"--runtime openvino runs on the CPU here; --device {device} needs --runtime ort")

@@ -139,7 +139,7 @@ class PredictOptions:
     backend: str = "onnx"
     threads: int | None = None
     runtime: str = "ort"  # ort (ONNX Runtime) or openvino (CPU)
-    precision: str = "auto"  # fp32, int8 or auto (the bundle's int8 graphs where it has them)
+    precision: str = "auto"  # fp32, int8, bf16 (openvino) or auto (the bundle's int8 graphs where it has them)
     propagation: dict = field(default_factory=dict)  # overrides of the bundle's settings (and every / max)
     uncertainty: bool = False  # also return a per-voxel uncertainty map (see Predictor)
 
@@ -695,7 +695,8 @@ def add_arguments(p) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default="ort",
                    help="ort: ONNX Runtime (default); openvino: OpenVINO on the CPU (the optional openvino extra)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto (default): the bundle's int8 graphs where `flare22 quantize` made them, else fp32")
+                   help="auto (default): the bundle's int8 graphs where `flare22 quantize` made them, else fp32; "
+                        "bf16: fp32 graphs computed in bfloat16 (--runtime openvino, CPUs with AVX-512 BF16 / AMX)")
     p.add_argument("--threads", type=positive_int, help="intra-op threads of the runtime (default: all cores)")
     p.add_argument("--batch", type=positive_int, default=8, help="slices per reference / key-encoder call")
     p.add_argument("--published-propagation", action="store_true",
