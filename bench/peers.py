@@ -196,13 +196,34 @@ def ratio_rows(results: list[dict], ours: tuple[str, ...], peers: tuple[str, ...
     return rows
 
 
+OUR_RUNTIMES = ("ort", "openvino")
+OUR_PRECISIONS = ("fp32", "int8")
+
+
+def ours_spec(value: str) -> dict:
+    """``SIZE[/RUNTIME[/PRECISION]]`` (tiny or paper; ort or openvino; fp32 or int8) -> a
+    contender: ``paper`` is ONNX Runtime fp32, ``paper/openvino/int8`` OpenVINO on int8 graphs."""
+    parts = value.split("/")
+    size, runtime, precision = parts + ["ort", "fp32"][len(parts) - 1:] if len(parts) <= 3 else (None, None, None)
+    if size not in ("tiny", "paper") or runtime not in OUR_RUNTIMES or precision not in OUR_PRECISIONS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give SIZE[/RUNTIME[/PRECISION]] with SIZE tiny|paper, RUNTIME {'|'.join(OUR_RUNTIMES)}, "
+            f"PRECISION {'|'.join(OUR_PRECISIONS)}")
+    name = "-".join(["ours", size] + ([runtime] if runtime != "ort" or precision != "fp32" else [])
+                    + ([precision] if precision != "fp32" else []))
+    return {"name": name, "kind": "ours", "bundle": size, "runtime": runtime, "precision": precision}
+
+
 def contenders(args) -> list[dict]:
     """What runs, in the base order of each case."""
     out = [{"name": "nnunet", "kind": "nnunet", "mirror": False}]
     if args.mirror:
         out.append({"name": "nnunet-mirror", "kind": "nnunet", "mirror": True})
-    for size in args.ours:
-        out.append({"name": f"ours-{size}", "kind": "ours", "bundle": size})
+    names = set()
+    for spec in args.ours:
+        if spec["name"] not in names:
+            names.add(spec["name"])
+            out.append(spec)
     return out
 
 
@@ -226,8 +247,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=2, help="threads for every contender: 1 or 2 (default 2)")
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                    help="also run nnU-Net with mirroring (default on)")
-    p.add_argument("--ours", nargs="*", default=["tiny", "paper"], choices=("tiny", "paper"),
-                   help="our bundles to run (default tiny paper)")
+    p.add_argument("--ours", nargs="*", type=ours_spec, default=[ours_spec("tiny"), ours_spec("paper")],
+                   metavar="SIZE[/RUNTIME[/PRECISION]]",
+                   help="our contenders (default: tiny paper, i.e. ONNX Runtime fp32); e.g. paper/openvino")
     p.add_argument("--tiny-bundle", type=Path, default=None, help="a tiny bundle (default: random, exported)")
     p.add_argument("--paper-bundle", type=Path, default=None, help="a paper-size bundle (default: random, exported)")
     p.add_argument("--peer-python", type=Path, default=ROOT / ".venv-peers" / "bin" / "python",
@@ -240,6 +262,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--case", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--bundle", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--pred-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--runtime", choices=OUR_RUNTIMES, default="ort", help=argparse.SUPPRESS)
+    p.add_argument("--precision", choices=OUR_PRECISIONS, default="fp32", help=argparse.SUPPRESS)
     return p
 
 
@@ -315,7 +339,8 @@ def worker_nnunet(case: Path, pred_dir: Path, threads: int, mirror: bool) -> dic
             "torch": torch.__version__, "threads": torch.get_num_threads(), "foreground": float((seg > 0).mean())}
 
 
-def worker_ours(case: Path, pred_dir: Path, threads: int, bundle_dir: Path) -> dict:
+def worker_ours(case: Path, pred_dir: Path, threads: int, bundle_dir: Path, runtime: str = "ort",
+                precision: str = "fp32") -> dict:
     """One case through the appliance: read, predict, write."""
     t_load = time.perf_counter()
     from app.bundle import load_bundle
@@ -323,7 +348,12 @@ def worker_ours(case: Path, pred_dir: Path, threads: int, bundle_dir: Path) -> d
     from app.predict import PredictOptions, Predictor
 
     bundle = load_bundle(bundle_dir)
-    predictor = Predictor(bundle, PredictOptions(device="cpu", threads=threads))
+    extra = {}
+    if "precision" in PredictOptions.__dataclass_fields__:  # the appliance's runtime choice (issue 18)
+        extra = {"runtime": runtime, "precision": precision}
+    elif (runtime, precision) != ("ort", "fp32"):
+        raise SystemExit(f"this checkout's appliance has no runtime choice: {runtime}/{precision} cannot run")
+    predictor = Predictor(bundle, PredictOptions(device="cpu", threads=threads, **extra))
     load_s = time.perf_counter() - t_load
     t0 = time.perf_counter()
     volume, props = read_ct(case)
@@ -337,7 +367,8 @@ def worker_ours(case: Path, pred_dir: Path, threads: int, bundle_dir: Path) -> d
     stages = {"read": t_read, **{k: float(v) for k, v in report.get("timings", {}).items()}, "write": t_write}
     return {"seconds": seconds, "load_s": load_s, "predict_s": t_pred, "stages": stages, "mode": report["mode"],
             "providers": predictor.info.get("providers") if isinstance(predictor.info, dict) else None,
-            "sampled": len(report.get("sampled", [])), "foreground": float((labels > 0).mean())}
+            "sampled": len(report.get("sampled", [])), "foreground": float((labels > 0).mean()),
+            "runtime": predictor.info.get("runtime", "ort"), "precision": predictor.info.get("precision", "fp32")}
 
 
 def _case_id(path: Path) -> str:
@@ -349,7 +380,7 @@ def run_worker(args) -> int:
     if args.worker == "nnunet":
         res = worker_nnunet(args.case, args.pred_dir, args.threads, args.mirror)
     else:
-        res = worker_ours(args.case, args.pred_dir, args.threads, args.bundle)
+        res = worker_ours(args.case, args.pred_dir, args.threads, args.bundle, args.runtime, args.precision)
     res["peak_rss_mb"] = _peak_rss_mb()
     print(RESULT_TAG + json.dumps(res), flush=True)
     return 0
@@ -406,7 +437,7 @@ def run_one(c: dict, case: Path, args, bundles: dict[str, Path]) -> dict:
     if c["kind"] == "nnunet":
         cmd.append("--mirror" if c["mirror"] else "--no-mirror")
     else:
-        cmd += ["--bundle", str(bundles[c["bundle"]])]
+        cmd += ["--bundle", str(bundles[c["bundle"]]), "--runtime", c["runtime"], "--precision", c["precision"]]
     env = {**os.environ, **{v: str(args.threads) for v in THREAD_VARS}, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     try:
@@ -446,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peers: {why}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    bundles = {s: prepare_bundle(s, getattr(args, f"{s}_bundle"), args.out) for s in args.ours}
+    sizes = sorted({c["bundle"] for c in cs if c["kind"] == "ours"})
+    bundles = {s: prepare_bundle(s, getattr(args, f"{s}_bundle"), args.out) for s in sizes}
     cases = prepare_cases(args)
     spacing_zyx = (args.spacing[2], args.spacing[1], args.spacing[0])
     shape = (args.slices, args.in_plane, args.in_plane)
