@@ -179,12 +179,13 @@ def winner_tile_bound(shape_zyx, patch=WINNER["patch_size"], step: float = WINNE
     return (math.ceil((z - patch[0]) / (patch[0] * step)) + 1) * 9
 
 
-def ratio_rows(results: list[dict], ours: tuple[str, ...], peers: tuple[str, ...]) -> list[dict]:
+def ratio_rows(results: list[dict], ours: tuple[str, ...], peers: tuple[str, ...], key: str = "seconds") -> list[dict]:
     """Our time / the peer's time for each case both ran, then the median over cases.
 
-    ``results``: one dict per (case, contender) with "case", "contender" and "seconds"
-    (None where the run failed). Pairs come from the same case of the same run only."""
-    by = {(r["case"], r["contender"]): r.get("seconds") for r in results}
+    ``results``: one dict per (case, contender) with "case", "contender" and ``key``
+    ("seconds": wall; "cpu_s": the process's CPU time, all threads; None where the run
+    failed). Pairs come from the same case of the same run only."""
+    by = {(r["case"], r["contender"]): r.get(key) for r in results}
     cases = sorted({r["case"] for r in results})
     rows = []
     for o in ours:
@@ -309,7 +310,7 @@ def worker_nnunet(case: Path, pred_dir: Path, threads: int, mirror: bool) -> dic
     load_s = time.perf_counter() - t_load
 
     io = SimpleITKIO()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     image, props = io.read_images([str(case)])
     t_read = time.perf_counter() - t0
     ppa = PreprocessAdapterFromNpy([image], [None], [props], [None], pm, dataset, cm,
@@ -331,8 +332,8 @@ def worker_nnunet(case: Path, pred_dir: Path, threads: int, mirror: bool) -> dic
     t1 = time.perf_counter()
     io.write_seg(seg, str(pred_dir / f"{_case_id(case)}.nii.gz"), props)
     t_write = time.perf_counter() - t1
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "load_s": load_s, "params": params, "grid": list(grid), "tiles": tiles,
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_s": cpu_s, "load_s": load_s, "params": params, "grid": list(grid), "tiles": tiles,
             "passes_per_tile": 8 if mirror else 1,
             "stages": {"read": t_read, "preprocess": t_pre, "sliding_window": t_net, "resample_back": t_back,
                        "write": t_write},
@@ -355,7 +356,7 @@ def worker_ours(case: Path, pred_dir: Path, threads: int, bundle_dir: Path, runt
         raise SystemExit(f"this checkout's appliance has no runtime choice: {runtime}/{precision} cannot run")
     predictor = Predictor(bundle, PredictOptions(device="cpu", threads=threads, **extra))
     load_s = time.perf_counter() - t_load
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     volume, props = read_ct(case)
     t_read = time.perf_counter() - t0
     labels, report = predictor.predict_volume(volume)
@@ -363,9 +364,9 @@ def worker_ours(case: Path, pred_dir: Path, threads: int, bundle_dir: Path, runt
     t1 = time.perf_counter()
     write_labels(labels, props, pred_dir / f"{_case_id(case)}.nii.gz")
     t_write = time.perf_counter() - t1
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     stages = {"read": t_read, **{k: float(v) for k, v in report.get("timings", {}).items()}, "write": t_write}
-    return {"seconds": seconds, "load_s": load_s, "predict_s": t_pred, "stages": stages, "mode": report["mode"],
+    return {"seconds": seconds, "cpu_s": cpu_s, "load_s": load_s, "predict_s": t_pred, "stages": stages, "mode": report["mode"],
             "providers": predictor.info.get("providers") if isinstance(predictor.info, dict) else None,
             "sampled": len(report.get("sampled", [])), "foreground": float((labels > 0).mean()),
             "runtime": predictor.info.get("runtime", "ort"), "precision": predictor.info.get("precision", "fp32")}
@@ -458,8 +459,10 @@ def table(results: list[dict], names: list[str]) -> list[dict]:
         mine = [r for r in results if r["contender"] == n]
         secs = [r["seconds"] for r in mine if r.get("seconds")]
         rss = [r["peak_rss_mb"] for r in mine if r.get("peak_rss_mb")]
+        cpu = [r["cpu_s"] for r in mine if r.get("cpu_s")]
         rows.append({"contender": n, "runs": len(mine), "ok": len(secs),
                      "median_s": statistics.median(secs) if secs else None,
+                     "median_cpu_s": statistics.median(cpu) if cpu else None,
                      "peak_rss_mb": max(rss) if rss else None,
                      "load_s": statistics.median([r["load_s"] for r in mine if r.get("load_s")] or [0])})
     return rows
@@ -501,17 +504,21 @@ def main(argv: list[str] | None = None) -> int:
     names = [c["name"] for c in cs]
     rows = table(results, names)
     peers = tuple(n for n in names if n.startswith("nnunet"))
-    ratios = ratio_rows(results, tuple(n for n in names if n.startswith("ours")), peers)
+    ours_names = tuple(n for n in names if n.startswith("ours"))
+    ratios = ratio_rows(results, ours_names, peers)
+    cpu_ratios = ratio_rows(results, ours_names, peers, key="cpu_s")
     print(f"\n1-min load average {load_before:.2f} before, {load_after:.2f} after, {os.cpu_count()} cores")
-    print(f"{'contender':<14} {'s per case':>10} {'peak RSS MB':>11} {'load s':>7}  runs")
+    print(f"{'contender':<14} {'s per case':>10} {'CPU s':>7} {'peak RSS MB':>11} {'load s':>7}  runs")
     for r in rows:
         s = f"{r['median_s']:.1f}" if r["median_s"] else "-"
+        c = f"{r['median_cpu_s']:.1f}" if r["median_cpu_s"] else "-"
         m = f"{r['peak_rss_mb']:,.0f}" if r["peak_rss_mb"] else "-"
-        print(f"{r['contender']:<14} {s:>10} {m:>11} {r['load_s']:>7.1f}  {r['ok']}/{r['runs']}")
-    print(f"\n{'ours / peer':<28} {'median':>7}  per case")
-    for r in ratios:
+        print(f"{r['contender']:<14} {s:>10} {c:>7} {m:>11} {r['load_s']:>7.1f}  {r['ok']}/{r['runs']}")
+    print(f"\n{'ours / peer':<28} {'time':>6} {'CPU':>6}  time per case")
+    for r, c in zip(ratios, cpu_ratios):
         med = f"{r['median']:.2f}" if r["median"] is not None else "-"
-        print(f"{r['ours'] + ' / ' + r['peer']:<28} {med:>7}  {', '.join(f'{v:.2f}' for v in r['per_case'])}")
+        cmed = f"{c['median']:.2f}" if c["median"] is not None else "-"
+        print(f"{r['ours'] + ' / ' + r['peer']:<28} {med:>6} {cmed:>6}  {', '.join(f'{v:.2f}' for v in r['per_case'])}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"slices": args.slices, "in_plane": args.in_plane, "spacing_xyz": list(args.spacing),
@@ -519,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tiles": tile_count(grid), "winner_tile_bound": winner_tile_bound(grid),
                 "load_before": load_before, "load_after": load_after, "cpu_count": os.cpu_count(),
                 "bundles": {k: str(v) for k, v in bundles.items()}, "winner": WINNER, "sources": SOURCES}
-        args.json.write_text(json.dumps({"meta": meta, "results": results, "table": rows, "ratios": ratios},
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "table": rows, "ratios": ratios,
+                                         "cpu_ratios": cpu_ratios},
                                         indent=2, default=list))
     return 0 if all(r.get("seconds") for r in results) else 1
 
