@@ -245,6 +245,8 @@ def parser() -> argparse.ArgumentParser:
                    help="voxel spacing in mm (default 0.8 0.8 2.5)")
     p.add_argument("--cases", type=positive_int, default=1, help="phantom cases (default 1)")
     p.add_argument("--seed", type=nonneg_int, default=8000, help="first phantom seed (default 8000)")
+    p.add_argument("--order-offset", type=nonneg_int, default=0,
+                   help="rotate the contenders' order by this much (case i runs them rotated by offset + i)")
     p.add_argument("--threads", type=positive_int, default=2, help="threads for every contender: 1 or 2 (default 2)")
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                    help="also run nnU-Net with mirroring (default on)")
@@ -493,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     results = []
     for i, case in enumerate(cases):
-        order = cs[i % len(cs):] + cs[: i % len(cs)]
+        k = (args.order_offset + i) % len(cs)
+        order = cs[k:] + cs[:k]
         for c in order:
             res = run_one(c, case, args, bundles)
             res.update(case=_case_id(case), contender=c["name"])
