@@ -14,10 +14,15 @@ CUDA arena grows by what is requested (``kSameAsRequested``, not doubling) up to
 ``FLARE22_GPU_MEM_MB`` (default 4096 MiB), since GPU memory is scored; convolution algorithms
 are picked by heuristic, not by an exhaustive search per new crop shape.
 
-Memory read: the bundle's ``stcn_read`` graph where the bundle has one (bundles exported
-before ``export.graphs`` dropped it) and the memory holds at least its baked-in ``top_k``
-entries (on the CPU provider it beat the numpy read at every memory size measured, 1.4-6x,
-see docs/efficiency.md; on CUDA unmeasured), else the numpy read of :mod:`app.propagation`.
+I/O binding (:mod:`app.binding`): where a GPU provider runs, the STCN features stay on the
+device from graph to graph (key encoder -> skip convolutions -> decoder; memory frames ->
+read), with ``io_binding="auto"``; ``on`` forces it on the CPU provider too, which is how the
+tests check it against the unbound path.
+
+Memory read: the bundle's ``stcn_read`` graph, or the numpy read of :mod:`app.propagation`,
+per device as :data:`MEMORY_READ` says (docs/efficiency.md, "Memory read"); the graph has
+``top_k`` baked in and runs when the memory holds at least that many entries, the numpy
+read below that and for bundles exported without the graph.
 
 The torch backend (for GPU measurements where ONNX Runtime's CUDA build is absent) lives in
 ``training/torch_backend.py`` and is registered from outside (``register_backend``): the appliance never imports it, so an image without
@@ -31,14 +36,19 @@ from typing import Any
 
 import numpy as np
 
+from .binding import ConcatCache, DeviceArray, DeviceContext
 from .bundle import Bundle
-from .propagation import NumpyMemoryMixin
+from .propagation import read_memory
 
 log = logging.getLogger("flare22")
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 DEFAULT_GPU_MEM_MB = 4096
+# The memory read each device takes by default where the bundle has the ``stcn_read`` graph
+# (docs/efficiency.md, "Memory read": measured on the CPU provider; on CUDA the graph keeps
+# the memory on the device, which the numpy read cannot).
+MEMORY_READ = {"cpu": "graph", "cuda": "graph"}
 _state = {"preloaded": None, "warned": False}
 
 
@@ -114,7 +124,8 @@ def providers_for(device: str) -> list[str]:
 class OrtGraph:
     """One exported graph in one ONNX Runtime session, called with named numpy arrays."""
 
-    def __init__(self, bundle: Bundle, name: str, providers: list[str], threads: int | None = None, fp16: bool = False):
+    def __init__(self, bundle: Bundle, name: str, providers: list[str], threads: int | None = None, fp16: bool = False,
+                 ctx: DeviceContext | None = None):
         import onnxruntime as ort
 
         spec = bundle.graph(name)
@@ -132,15 +143,22 @@ class OrtGraph:
         self.inputs = [i["name"] for i in spec["inputs"]]
         self.outputs = [o["name"] for o in spec["outputs"]]
         self.dtype = np.float16 if fp16 and spec.get("onnx_fp16") else np.float32
+        self.ctx = ctx
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        feed = {n: np.ascontiguousarray(a, dtype=self.dtype) for n, a in zip(self.inputs, arrays)}
-        outs = self.session.run(self.outputs, feed)
-        return [o.astype(np.float32, copy=False) for o in outs]
+    def __call__(self, *arrays) -> list:
+        """Named inputs -> outputs: float32 host arrays, or with a device context (I/O
+        binding) DeviceArrays left on the device, in the graph's own precision."""
+        if self.ctx is None:
+            feed = {n: np.ascontiguousarray(a, dtype=self.dtype) for n, a in zip(self.inputs, arrays)}
+            outs = self.session.run(self.outputs, feed)
+            return [o.astype(np.float32, copy=False) for o in outs]
+        feed = {n: a if isinstance(a, DeviceArray) else np.ascontiguousarray(a, dtype=self.dtype)
+                for n, a in zip(self.inputs, arrays)}
+        return self.ctx.run(self.session, feed, self.outputs)
 
 
 class OrtReference:
@@ -154,25 +172,55 @@ class OrtReference:
         return dict(zip(self.graph.outputs, outs))
 
 
-class OrtStcnBackend(NumpyMemoryMixin):
-    def __init__(self, bundle: Bundle, providers: list[str], threads: int | None = None):
+class OrtStcnBackend:
+    """The STCN stages as ONNX graphs. With a device context (I/O binding, :mod:`app.binding`)
+    features stay on the session's device from graph to graph; without one every call takes
+    and returns host arrays. Either way the same engine runs the same math: only where the
+    arrays live differs.
+
+    Memory read: the bundle's ``stcn_read`` graph (``memory_read="graph"``) when the memory
+    holds at least the graph's baked-in ``top_k`` entries and the run asks for that top_k,
+    else the numpy read of :mod:`app.propagation`."""
+
+    def __init__(self, bundle: Bundle, providers: list[str], threads: int | None = None, *,
+                 ctx: DeviceContext | None = None, memory_read: str = "numpy"):
         self.stride = bundle.stride
-        self.key = OrtGraph(bundle, "stcn_key", providers, threads)
-        self.skip = OrtGraph(bundle, "stcn_skip", providers, threads)
-        self.value = OrtGraph(bundle, "stcn_value", providers, threads)
-        self.dec = OrtGraph(bundle, "stcn_decode", providers, threads)
-        # the read graph where the bundle has one (faster than numpy on the CPU too)
-        self.read = None
-        self.read_top_k = 0
-        if "stcn_read" in bundle.manifest.get("graphs", {}):
-            self.read = OrtGraph(bundle, "stcn_read", providers, threads)
-            self.read_top_k = int(bundle.manifest.get("propagation", {}).get("top_k", 0) or 0)
+        self.ctx = ctx
+        self._joins = ConcatCache(ctx) if ctx is not None else None
+        self.key, self.skip, self.value, self.dec = (OrtGraph(bundle, n, providers, threads, ctx=ctx) for n in
+                                                     ("stcn_key", "stcn_skip", "stcn_value", "stcn_decode"))
+        self.read, self.read_top_k = None, 0
+        if memory_read == "graph":
+            spec = bundle.graph("stcn_read")
+            self.read = OrtGraph(bundle, "stcn_read", providers, threads, ctx=ctx)
+            self.read_top_k = int(spec.get("top_k") or bundle.manifest.get("propagation", {}).get("top_k", 0) or 0)
+        elif memory_read != "numpy":
+            raise ValueError(f"memory_read must be 'graph' or 'numpy', not {memory_read!r}")
+
+    def to_device(self, array: np.ndarray):
+        if self.ctx is None:
+            return array
+        return self.ctx.upload(np.ascontiguousarray(array, dtype=self.key.dtype))
+
+    def to_host(self, x) -> np.ndarray:
+        if isinstance(x, DeviceArray):
+            return x.numpy().astype(np.float32, copy=False)
+        return np.asarray(x)
+
+    def concat(self, xs: list):
+        """Readouts of several organs joined along axis 0."""
+        return self.ctx.stack0(xs) if self.ctx is not None else np.concatenate(xs, axis=0)
+
+    def _join(self, xs: list, axis: int):
+        return self._joins.join(xs, axis) if self._joins is not None else np.concatenate(xs, axis=axis)
 
     def read_memory(self, mem_keys, mem_values, query_key, top_k):
         n = sum(k.shape[1] for k in mem_keys)
         if self.read is None or top_k != self.read_top_k or n < top_k:
-            return super().read_memory(mem_keys, mem_values, query_key, top_k)
-        return self.read(np.concatenate(mem_keys, axis=1), np.concatenate(mem_values, axis=2), query_key)[0]
+            host = self.to_host
+            return read_memory(np.concatenate([host(k) for k in mem_keys], axis=1),
+                               np.concatenate([host(v) for v in mem_values], axis=2), host(query_key), top_k)
+        return self.read(self._join(mem_keys, 1), self._join(mem_values, 2), query_key)[0]
 
     def encode_key(self, images):
         return dict(zip(("key", "qv", "f16", "f8", "f4"), self.key(images)))
@@ -198,21 +246,40 @@ def register_backend(name: str, loader) -> None:
     EXTRA_BACKENDS[name] = loader
 
 
-def load_backends(bundle: Bundle, *, backend: str = "onnx", device: str = "auto", threads: int | None = None) -> tuple[Any, Any, dict]:
-    """(reference, stcn backend, info) for a bundle: ONNX Runtime, or a registered backend."""
+def load_backends(bundle: Bundle, *, backend: str = "onnx", device: str = "auto", threads: int | None = None,
+                  io_binding: str = "auto", memory_read: str = "auto") -> tuple[Any, Any, dict]:
+    """(reference, stcn backend, info) for a bundle: ONNX Runtime, or a registered backend.
+
+    ``io_binding``: ``auto`` (on where a GPU provider runs), ``on`` or ``off``.
+    ``memory_read``: ``auto`` (:data:`MEMORY_READ` for the device, when the bundle has the
+    graph), ``graph`` or ``numpy``."""
     if backend in EXTRA_BACKENDS:
         return EXTRA_BACKENDS[backend](bundle, device=device, threads=threads)
     if backend != "onnx":
         known = ", ".join(["onnx", *EXTRA_BACKENDS])
         raise ValueError(f"backend {backend!r} is not available here (available: {known}); "
                          "the torch backend needs the development install and the `flare22` command")
+    if io_binding not in ("auto", "on", "off") or memory_read not in ("auto", "graph", "numpy"):
+        raise ValueError(f"io_binding must be auto|on|off and memory_read auto|graph|numpy, "
+                         f"not {io_binding!r} / {memory_read!r}")
     providers = providers_for(device)
     ref = OrtReference(bundle, providers, threads)
-    stcn = OrtStcnBackend(bundle, providers, threads)
     actual = ref.graph.providers  # what the session really runs, not what is installed
+    on_gpu = actual[0] in GPU_PROVIDERS
+    has_read = "stcn_read" in bundle.manifest.get("graphs", {})
+    if memory_read == "auto":
+        memory_read = MEMORY_READ["cuda" if on_gpu else "cpu"] if has_read else "numpy"
+    elif memory_read == "graph" and not has_read:
+        raise ValueError("memory_read='graph' but the bundle has no stcn_read graph (export it again)")
+    ctx = None
+    if io_binding == "on" or (io_binding == "auto" and on_gpu):
+        helpers = [p for p in actual if p != "TensorrtExecutionProvider"]  # no engine build for a Slice
+        ctx = DeviceContext(session_providers(helpers), "cuda" if on_gpu else "cpu", 0, threads)
+    stcn = OrtStcnBackend(bundle, providers, threads, ctx=ctx, memory_read=memory_read)
     info = {"backend": "onnxruntime", "requested_providers": providers, "providers": actual,
-            "cuda_preloaded": bool(_state["preloaded"]), "memory_read": "onnx" if stcn.read is not None else "numpy"}
-    if actual[0] in GPU_PROVIDERS:
+            "cuda_preloaded": bool(_state["preloaded"]), "memory_read": "onnx" if stcn.read is not None else "numpy",
+            "io_binding": ctx is not None}
+    if on_gpu:
         info["gpu_mem_limit_mb"] = gpu_mem_limit_bytes() // 2**20
     log.info("ONNX Runtime providers: %s", ", ".join(actual))
     if providers[0] != actual[0] and not _state["warned"]:
