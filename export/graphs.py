@@ -34,6 +34,10 @@ from training.models.reference import ReferencePair
 from training.models.stcn import STCN, build_stcn
 
 STRIDE = 16
+# The form of topk_read the stcn_read graph is exported in: "gather" (work O*Cv*k*P, whatever
+# the memory's length N; the torch GPU backend's form) rather than "dense" (O*Cv*N*P through an
+# N x P matrix), which only pays for short memories; both measured in docs/efficiency.md.
+READ_METHOD = "gather"
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,7 @@ class Case:
 
 class Read(nn.Module):
     """The STCN memory read with the network's top_k baked in: keys (Ck,N), values (O,Cv,N),
-    query (Ck,P) -> readout (O,Cv,P). The gather form (the numpy read's too): its shapes all
-    stay symbolic in the traced graph, and its work does not grow with N."""
+    query (Ck,P) -> readout (O,Cv,P), in the form READ_METHOD names."""
 
     def __init__(self, net: STCN):
         super().__init__()
@@ -71,7 +74,7 @@ class Read(nn.Module):
         self.train(net.training)
 
     def forward(self, mem_keys: torch.Tensor, mem_values: torch.Tensor, query_key: torch.Tensor):
-        return self.net.read_memory(mem_keys, mem_values, query_key, top_k=self.top_k, method="gather")
+        return self.net.read_memory(mem_keys, mem_values, query_key, top_k=self.top_k, method=READ_METHOD)
 
 
 class Stage(nn.Module):
