@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo demo-quick image image-test lint clean
+.PHONY: setup test test-fast demo demo-quick image image-test lint clean peers-setup
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[cpu,train,test]"
+	$(BIN)/python -m pip install -q -e ".[cpu,train,test,openvino]"
 	touch $(STAMP)
 
 # The whole suite, then the image built and run as the organisers run it (skips with one
@@ -43,9 +43,25 @@ image-test: setup
 	@PY=$(abspath $(BIN))/python timeout --kill-after=900 2700 bash docker/image-test.sh; rc=$$?; \
 	  [ $$rc -eq 0 ] || [ $$rc -eq 77 ] || { echo "image-test failed (exit $$rc)"; exit 1; }
 
+# The peer of bench/peers.py (issue 18): nnU-Net v2 in its own environment, so that neither
+# .venv nor the appliance ever holds it. torch first, pinned to the build the project uses,
+# so that nnunetv2 cannot pull another one (checked at the end). Not the `train` extra: its
+# timm==1.0.31 conflicts with dynamic-network-architectures 0.4.4 (timm<1.0.23); our side of
+# the benchmark runs in .venv.
+PEERS_VENV := .venv-peers
+peers-setup: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PEERS_VENV)/bin/python -m pip install -q -e ".[cpu,peers,test]"
+	$(PEERS_VENV)/bin/python -c "import torch, nnunetv2; v = torch.__version__; assert v.split('+')[0] == '2.14.1', v; print('peers: torch', v)"
+	touch $@
+
 lint: setup
 	$(BIN)/hadolint Dockerfile
 	sh -n predict.sh
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache
+	rm -rf $(VENV) $(PEERS_VENV) demo .pytest_cache

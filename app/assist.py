@@ -5,7 +5,7 @@
 The user labels a few axial slices in any tool (the label volume is zero elsewhere); every
 other slice is filled from those by one of four modes (``--mode``): ``nearest`` copies the
 nearest drawn slice; ``interp`` interpolates each organ's shape between the drawn slices
-around it (signed distances blended by distance, :class:`ShapeInterpolator`); ``stcn`` runs
+around it (signed distances blended by distance, :class:`app.shapes.ShapeInterpolator`); ``stcn`` runs
 the propagation engine (app.propagation, the same one the appliance runs) from the drawn
 slices in both directions; ``fused`` blends STCN's probabilities into the interpolation,
 more so the further a slice lies from a drawn one (:class:`FusionConfig`). The default is
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from .argtypes import positive_int
 from .ctio import check_same_grid, read_ct, write_labels
@@ -34,6 +33,7 @@ from .errors import Flare22Error, InputError
 from .labels import NUM_CLASSES
 from .propagation import PropagationConfig, PropagationEngine
 from .resize import resize_labels_nearest, resize_stack
+from .shapes import ShapeInterpolator
 from .windowing import DEFAULT_WINDOWS, window_slices
 
 
@@ -55,81 +55,6 @@ def nearest_copy(annotations: np.ndarray, slices: list[int]) -> np.ndarray:
 
 MODES = ("nearest", "interp", "stcn", "fused")
 DEFAULT_MODE = "interp"
-
-
-def signed_distance(mask: np.ndarray) -> np.ndarray:
-    """In-plane signed distance (pixels) of a 2-D mask: >= 1 inside, <= -1 outside."""
-    mask = np.asarray(mask, bool)
-    return (ndimage.distance_transform_edt(mask) - ndimage.distance_transform_edt(~mask)).astype(np.float32)
-
-
-class ShapeInterpolator:
-    """Shape-based interpolation between drawn slices, organ by organ.
-
-    Between the drawn slices a < t < b an organ's level function is the signed distances of
-    its masks on a and b blended linearly by distance, (b - t) / (b - a) * d_a + (t - a) /
-    (b - a) * d_b; the organ is where that is positive. Where the organ is drawn on only one
-    side, the other side's distance is ``-vanish * depth`` (depth: the largest inside
-    distance of the drawn mask), so the shape shrinks towards its centre and is gone at
-    1 / (1 + vanish) of the way: an organ that ends between two drawn slices tapers rather
-    than stopping at the midpoint. With ``align`` both distances are first shifted so the
-    organ's centroid moves linearly from a to b (organs that drift across the plane, like the
-    stomach or the duodenum, are not cut down to the overlap of the two drawn shapes).
-    Outside the drawn range the nearest drawn slice is copied.
-    Overlaps go to the organ with the largest level."""
-
-    def __init__(self, annotations: np.ndarray, slices: list[int], *, vanish: float = 1.0, align: bool = True):
-        self.ann = annotations
-        self.slices = sorted(int(s) for s in slices)
-        self.vanish = float(vanish)
-        self.align = align
-        self._sdf: dict[int, dict[int, np.ndarray]] = {}
-        self._centre: dict[int, dict[int, np.ndarray]] = {}
-
-    def _distances(self, t: int) -> dict[int, np.ndarray]:
-        if t not in self._sdf:
-            lab = self.ann[t]
-            organs = [int(o) for o in np.unique(lab) if o != 0]
-            self._sdf[t] = {o: signed_distance(lab == o) for o in organs}
-            self._centre[t] = {o: np.argwhere(lab == o).mean(axis=0) for o in organs}
-        return self._sdf[t]
-
-    def levels(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """(organ ids, (k, h, w) level functions) of slice t: positive inside each organ."""
-        s = self.slices
-        i = int(np.searchsorted(s, t))
-        if i < len(s) and s[i] == t or i == 0 or i == len(s):
-            near = s[min(i, len(s) - 1)] if (i < len(s) and s[i] == t) or i == 0 else s[-1]
-            d = self._distances(near)
-            ids = sorted(d)
-            return np.asarray(ids, int), (np.stack([d[o] for o in ids]) if ids else
-                                          np.zeros((0,) + self.ann.shape[1:], np.float32))
-        a, b = s[i - 1], s[i]
-        wa = (b - t) / (b - a)
-        da, db = self._distances(a), self._distances(b)
-        ids = sorted(set(da) | set(db))
-        out = np.empty((len(ids),) + self.ann.shape[1:], np.float32)
-        for k, o in enumerate(ids):
-            fa = da.get(o)
-            fb = db.get(o)
-            if fa is None:
-                fa = np.float32(-self.vanish * max(1.0, float(fb.max())))
-            elif fb is None:
-                fb = np.float32(-self.vanish * max(1.0, float(fa.max())))
-            elif self.align:  # both shapes moved to the interpolated centre before blending
-                ca, cb = self._centre[a][o], self._centre[b][o]
-                c = wa * ca + (1 - wa) * cb
-                fa = ndimage.shift(fa, c - ca, order=1, mode="nearest")
-                fb = ndimage.shift(fb, c - cb, order=1, mode="nearest")
-            out[k] = wa * fa + (1 - wa) * fb
-        return np.asarray(ids, int), out
-
-    def labels(self, t: int) -> np.ndarray:
-        ids, lev = self.levels(t)
-        if not len(ids):
-            return np.zeros(self.ann.shape[1:], np.uint8)
-        win = lev.argmax(axis=0)
-        return np.where(lev.max(axis=0) > 0, ids[win], 0).astype(np.uint8)
 
 
 def interpolate(annotations: np.ndarray, slices: list[int], *, vanish: float = 1.0, align: bool = True) -> np.ndarray:
@@ -183,9 +108,16 @@ def fill_modes(
     config: PropagationConfig | None = None,
     fusion: FusionConfig | None = None,
     variants: dict[str, FusionConfig] | None = None,
+    absent_votes: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Every mode in ``modes`` from one engine run: {mode: (N, h, w) labels} and stats.
-    ``variants`` adds more fused fillings, one per named FusionConfig (for tuning)."""
+    ``variants`` adds more fused fillings, one per named FusionConfig (for tuning).
+
+    ``absent_votes``: a drawn slice is truth for every organ, so an organ not drawn on it is
+    known to be absent there: the pass from that slice votes 0 for it, weighted linearly
+    by distance as the votes of the drawn organs are (the engine's reference weights, all
+    1). Without it, an organ drawn on one side of a gap is decided by that side's pass
+    alone, which must find by itself where the organ ends."""
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"mode must be one of {MODES}, got {bad[0]!r}")
@@ -210,7 +142,8 @@ def fill_modes(
             return resize_stack(window_slices(volume[np.asarray(idx)], windows), hw)
 
         engine = PropagationEngine(backend, config or PropagationConfig(), num_organs=NUM_CLASSES - 1)
-        result = engine.run(n, hw, get, refs)
+        weights = {t: np.ones(NUM_CLASSES - 1) for t in slices} if absent_votes else None
+        result = engine.run(n, hw, get, refs, reference_weights=weights)
         stats["engine"] = result.stats.to_json()
         engine_s = time.perf_counter() - t0
         todo = (["stcn"] if "stcn" in modes else []) + list(fusions)
@@ -239,6 +172,7 @@ def propagate_annotations(
     config: PropagationConfig | None = None,
     mode: str = "stcn",
     fusion: FusionConfig | None = None,
+    absent_votes: bool = True,
 ) -> tuple[np.ndarray, dict]:
     """(N, h, w) HU + annotations on ``slices`` -> (N, h, w) labels and stats.
 
@@ -246,7 +180,7 @@ def propagate_annotations(
     interpolation), ``stcn`` (the propagation engine alone), ``fused`` (STCN fused with the
     interpolation). The first two need no backend."""
     filled, st = fill_modes(backend, volume, annotations, slices, hw, [mode], windows=windows, config=config,
-                            fusion=fusion)
+                            fusion=fusion, absent_votes=absent_votes)
     n = volume.shape[0]
     seconds = st["seconds"][mode]
     stats = {"mode": mode, "seconds": seconds, "seconds_per_slice": seconds / max(1, n - len(set(slices))),

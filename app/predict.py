@@ -31,16 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from .argtypes import positive_int, probability
-from .backends import DEVICES, EXTRA_BACKENDS, load_backends
+from .backends import DEVICES, EXTRA_BACKENDS, PRECISIONS, RUNTIMES, load_backends
 from .bundle import Bundle, load_bundle
 from .ctio import CTProperties, case_name, read_ct, write_labels, write_map
 from .errors import BundleError, Flare22Error
 from .outputs import OutputFolder, hidden_cases, plan_outputs
 from .propagation import PUBLISHED, PropagationConfig, PropagationEngine, normalised_entropy, organ_distribution
 from .resize import argmax_resized, resize_stack
+from .shapes import ShapeInterpolator
 from .windowing import window_slices
 
 log = logging.getLogger("flare22")
@@ -69,7 +69,7 @@ MODES = {
     "dense": "the CPS pair on every slice, no propagation",
     "interp": "the pair on the sampled slices, its probabilities interpolated linearly along z",
     "nearest": "the pair on the sampled slices, every other slice copies the nearest one's labels",
-    "shape": "the pair on the sampled slices, each organ's signed distance interpolated along z",
+    "shape": "the pair on the sampled slices, each organ's signed distance interpolated along z (app.shapes)",
     "largest": "STCN from each organ's largest-area sampled slice, with the cost switches on",
     "published": "STCN from each organ's largest-area sampled slice, the paper's propagation",
     "reliable": "STCN from every sampled slice where the pair is reliable, votes weighted by distance",
@@ -111,6 +111,12 @@ def resolve_settings(manifest: dict, mode: str | None, overrides: dict) -> tuple
     return mode, {"every": int(every), "max": int(maximum)}, cfg
 
 
+def model_slices(volume: np.ndarray, idx, windows, hw: tuple[int, int]) -> np.ndarray:
+    """Slices ``idx`` of a canonical HU volume as the networks take them: windowed and resized
+    to the model input, (B, 3, H, W) float32 (the predictor, quantisation's calibration)."""
+    return resize_stack(window_slices(volume[np.asarray(idx)], windows), hw)
+
+
 def pair_labels(probs_fn, volume: np.ndarray, windows, hw: tuple[int, int], batch: int = 8):
     """Yield (slice indices, (B, h, w) uint8 labels) over every axial slice of a canonical
     (N, h, w) HU volume: the one "volume -> pair labels" routine (``--mode dense``, training
@@ -121,7 +127,7 @@ def pair_labels(probs_fn, volume: np.ndarray, windows, hw: tuple[int, int], batc
     n, h, w = volume.shape
     for i in range(0, n, batch):
         z = np.arange(i, min(n, i + batch))
-        probs = probs_fn(resize_stack(window_slices(volume[z], windows), hw), (z / n).astype(np.float32))
+        probs = probs_fn(model_slices(volume, z, windows, hw), (z / n).astype(np.float32))
         yield z, np.stack([argmax_resized(p, (h, w)) for p in probs])
 
 
@@ -132,6 +138,8 @@ class PredictOptions:
     device: str = "auto"
     backend: str = "onnx"
     threads: int | None = None
+    runtime: str = "ort"  # ort (ONNX Runtime) or openvino (CPU)
+    precision: str = "auto"  # fp32, int8 or auto (the bundle's int8 graphs where it has them)
     propagation: dict = field(default_factory=dict)  # overrides of the bundle's settings (and every / max)
     uncertainty: bool = False  # also return a per-voxel uncertainty map (see Predictor)
 
@@ -160,13 +168,14 @@ class Predictor:
 
     def _load(self, device: str) -> None:
         self.reference, self.stcn, self.info = load_backends(
-            self.bundle, backend=self.opt.backend, device=device, threads=self.opt.threads
+            self.bundle, backend=self.opt.backend, device=device, threads=self.opt.threads,
+            runtime=self.opt.runtime, precision=self.opt.precision,
         )
         self.device = device
 
     def slices(self, volume: np.ndarray, idx) -> np.ndarray:
         """Windowed slices at model resolution: (B, 3, H, W) float32."""
-        return resize_stack(window_slices(volume[np.asarray(idx)], self.windows), self.hw)
+        return model_slices(volume, idx, self.windows, self.hw)
 
     def run_reference(self, volume: np.ndarray, idx: np.ndarray):
         """Yield (batch indices, outputs dict) over ``idx`` in batches."""
@@ -321,17 +330,14 @@ class Predictor:
             report["propagation"] = {"config": engine.cfg.to_json(), **result.stats.to_json()}
 
         t0 = time.perf_counter()
-        shapes: dict[int, np.ndarray] = {}  # candidate -> organ signed distances, for ``shape``
+        shapes = (ShapeInterpolator({int(c): masks[i] for i, c in enumerate(cands)}, cands.tolist())
+                  if self.mode == "shape" else None)
         for t in others:
             i = int(np.searchsorted(cands, t))  # cands[i - 1] < t < cands[i]
             lo, hi = (i - 1 if i > 0 else None), (i if i < len(cands) else None)
-            if self.mode == "shape" and lo is not None and hi is not None:
-                for c in (lo, hi):
-                    if c not in shapes:
-                        shapes = {k: v for k, v in shapes.items() if k >= lo}
-                        shapes[c] = signed_distances(masks[c], self.num_organs)
+            if shapes is not None and lo is not None and hi is not None:
                 a = (t - cands[lo]) / (cands[hi] - cands[lo])
-                labels[t] = argmax_resized(interpolate_shapes(shapes[lo], shapes[hi], a), (h, w))
+                labels[t] = argmax_resized(shapes.scores(t, self.num_organs), (h, w))
                 if umap is not None:
                     umap[t] = umap[cands[lo if a <= 0.5 else hi]]
                 continue
@@ -383,33 +389,6 @@ def member_dice(pa: np.ndarray, pb: np.ndarray, num_organs: int) -> np.ndarray:
     nb = np.bincount(mb, minlength=num_organs + 1)[1:]
     inter = np.bincount(ma[ma == mb], minlength=num_organs + 1)[1:]
     return np.where(na + nb > 0, 2 * inter / np.maximum(na + nb, 1), 1.0)
-
-
-def signed_distances(mask: np.ndarray, num_organs: int) -> np.ndarray:
-    """(H, W) labels -> (num_organs, H, W) float32 signed distance of each organ's mask in
-    pixels (positive inside); NaN for organs absent from the slice."""
-    out = np.full((num_organs, *mask.shape), np.nan, np.float32)
-    for o in np.unique(mask):
-        if o == 0:
-            continue
-        m = mask == o
-        out[o - 1] = ndimage.distance_transform_edt(m) - ndimage.distance_transform_edt(~m)
-    return out
-
-
-def interpolate_shapes(lo: np.ndarray, hi: np.ndarray, a: float) -> np.ndarray:
-    """Shape-based interpolation of two slices' signed distances at fraction ``a`` (0 = lo):
-    (C+1, H, W) scores, background 0 first, an organ where its distance is positive. An organ
-    on one side only shrinks to nothing at the midpoint (its missing distance is its own
-    shifted down by twice its depth)."""
-    lo, hi = lo.copy(), hi.copy()
-    only_lo, only_hi = np.isnan(hi[:, 0, 0]) & ~np.isnan(lo[:, 0, 0]), np.isnan(lo[:, 0, 0]) & ~np.isnan(hi[:, 0, 0])
-    for o in np.nonzero(only_lo)[0]:
-        hi[o] = lo[o] - 2 * max(float(lo[o].max()), 0.5)
-    for o in np.nonzero(only_hi)[0]:
-        lo[o] = hi[o] - 2 * max(float(hi[o].max()), 0.5)
-    scores = np.nan_to_num((1 - a) * lo + a * hi, nan=-1e4)
-    return np.concatenate([np.zeros((1, *scores.shape[1:]), np.float32), scores])
 
 
 def reliability(areas: np.ndarray, member_dsc: np.ndarray, fraction: float, agreement: float) -> np.ndarray:
@@ -512,7 +491,8 @@ def predict_folder(
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing a graph, an unknown mode: one line
             detail = " ".join(str(exc).split())[:240]
             raise BundleError(bundle.path, f"cannot be used: {type(exc).__name__}: {detail}") from None
-        log.info("bundle %s; backend %s; providers %s", bundle.path, predictor.info["backend"], predictor.info["providers"])
+        log.info("bundle %s; backend %s; providers %s; precision %s", bundle.path, predictor.info["backend"],
+                 predictor.info["providers"], predictor.info.get("precision", "fp32"))
         return _run_cases(predictor, cases, out, rep, quiet, review_threshold)
     finally:
         for f in folders:
@@ -712,7 +692,11 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", choices=("onnx", *EXTRA_BACKENDS), default="onnx",
                    help="ONNX Runtime (the appliance), or a backend the `flare22` command registers")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="ort",
+                   help="ort: ONNX Runtime (default); openvino: OpenVINO on the CPU (the optional openvino extra)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): the bundle's int8 graphs where `flare22 quantize` made them, else fp32")
+    p.add_argument("--threads", type=positive_int, help="intra-op threads of the runtime (default: all cores)")
     p.add_argument("--batch", type=positive_int, default=8, help="slices per reference / key-encoder call")
     p.add_argument("--published-propagation", action="store_true",
                    help="the same as --mode published (the authors' propagation and cost)")
@@ -728,7 +712,7 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     mode = "published" if args.published_propagation else args.mode
     opts = PredictOptions(batch=args.batch, mode=mode, device=args.device, backend=args.backend,
-                          threads=args.threads, propagation=dict(args.propagation_option),
+                          threads=args.threads, runtime=args.runtime, precision=args.precision, propagation=dict(args.propagation_option),
                           uncertainty=args.uncertainty)
     t0 = time.perf_counter()
     try:

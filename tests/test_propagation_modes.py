@@ -221,18 +221,21 @@ def test_mode_table_script(tiny_bundle, tmp_path):
 
 
 def test_shape_interpolation_moves_and_ends_organs():
-    from app.predict import interpolate_shapes, signed_distances
+    """The pipeline's ``shape`` mode and the assist share app.shapes: known slices are kept,
+    a shape moves between them, an organ on one side only is gone by the midpoint."""
+    from app.shapes import ShapeInterpolator
 
     a = np.zeros((16, 16), np.uint8)
     a[2:10, 2:10] = 1
     a[12:14, 12:14] = 2  # organ 2 only on the lower slice
     b = np.zeros_like(a)
     b[6:14, 6:14] = 1
-    sa, sb = signed_distances(a, 13), signed_distances(b, 13)
-    assert np.isnan(sa[2]).all() and sa[0][5, 5] > 0 > sa[0][0, 0]
-    assert np.array_equal(interpolate_shapes(sa, sb, 0.0).argmax(0), a)
-    assert np.array_equal(interpolate_shapes(sa, sb, 1.0).argmax(0), b)
-    mid = interpolate_shapes(sa, sb, 0.5).argmax(0)
+    si = ShapeInterpolator({10: a, 14: b}, [10, 14])  # a mapping of known slices, as the pipeline passes
+    assert np.array_equal(si.scores(10, 13).argmax(0), a)
+    assert np.array_equal(si.scores(14, 13).argmax(0), b)
+    mid = si.scores(12, 13).argmax(0)
     assert mid[8, 8] == 1 and mid[3, 3] == 0 and mid[13, 13] == 0  # the square sits half-way
-    assert (interpolate_shapes(sa, sb, 0.25).argmax(0) == 2).sum() == 4
+    assert (mid == 1).sum() == 64  # same size, moved
+    assert (si.scores(11, 13).argmax(0) == 2).any()
     assert not (mid == 2).any()  # the organ of one side shrinks away by the midpoint
+    assert si.scores(11, 13).shape == (14, 16, 16) and (si.scores(11, 13)[3:] < -1e3).all()
