@@ -57,7 +57,7 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 DEFAULT_GPU_MEM_MB = 4096
 # The memory read each device takes by default where the bundle has the ``stcn_read`` graph
 # (docs/efficiency.md, "Memory read"). CPU: numpy, measured faster than the exported graph
-# (1.7-3x on the read, 1.14-1.24x per case). CUDA: the graph, which keeps the memory on the
+# (1.7-3x on the read, 1.10-1.24x per case). CUDA: the graph, which keeps the memory on the
 # device under I/O binding where the numpy read copies it to the host; bench/gpu.sh measures it.
 MEMORY_READ = {"cpu": "numpy", "cuda": "graph"}
 _state = {"preloaded": None, "warned": False}
