@@ -82,11 +82,15 @@ need=$(echo $need)
 if [ -n "$need" ]; then
   echo "ONNX Runtime part skipped: missing $need" | tee -a "$OUT/steps.txt"; status=1
 else
-  if [ -n "${GPU_BUNDLE:-}" ]; then SRC=(--bundle "$GPU_BUNDLE"); else SRC=(--random "$CONFIG"); fi
-  if [ -d "$CASES" ] && [ -z "$(missing SimpleITK)" ]; then
-    step ort-real-cts 240 "$PY" bench/io_binding.py "${SRC[@]}" --device $DEVICE --cases "$CASES" --repeats $REPEATS --out "$OUT/ort-real"
+  BUNDLE="${GPU_BUNDLE:-/tmp/flare22-gpu-bundle-$CONFIG}"  # outside $OUT: a paper bundle is ~700 MB
+  if [ -z "${GPU_BUNDLE:-}" ] && [ ! -f "$BUNDLE/manifest.json" ]; then
+    step export 200 "$PY" -c "from export.bundle import export_bundle; export_bundle('$BUNDLE', ref_config='$CONFIG', stcn_config='$CONFIG', seed=0, quiet=True)"
   fi
-  step ort-phantom 240 "$PY" bench/io_binding.py "${SRC[@]}" --device $DEVICE "${SIZE[@]}" --repeats $REPEATS --out "$OUT/ort-phantom"
+  SRC=(--bundle "$BUNDLE")
+  if [ -d "$CASES" ] && [ -z "$(missing SimpleITK)" ]; then
+    step ort-real-cts 120 "$PY" bench/io_binding.py "${SRC[@]}" --device $DEVICE --cases "$CASES" --repeats $REPEATS --out "$OUT/ort-real"
+  fi
+  step ort-phantom 150 "$PY" bench/io_binding.py "${SRC[@]}" --device $DEVICE "${SIZE[@]}" --repeats $REPEATS --out "$OUT/ort-phantom"
 fi
 
 # 2. torch backend, paper networks in fp16 (the previous GPU script)
@@ -94,7 +98,7 @@ need=$(echo $(missing numpy scipy psutil torch timm segmentation_models_pytorch)
 if [ -n "$need" ]; then
   echo "torch part skipped: missing $need" | tee -a "$OUT/steps.txt"; status=1
 else
-  step torch 200 "$PY" bench/gpu.py "${TORCH[@]}" --out "$OUT/torch"
+  step torch 110 "$PY" bench/gpu.py "${TORCH[@]}" --out "$OUT/torch"
 fi
 cat "$OUT/steps.txt"
 exit $status

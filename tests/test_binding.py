@@ -113,3 +113,20 @@ def test_bound_propagation_equals_unbound_and_keeps_features_on_the_device(tiny_
         assert to_host and all(len(s) < 4 or s[1] == 1 for s in to_host), set(to_host)
     if read == "graph":  # memories of at least top_k entries were read by the graph, on the device
         assert graph_reads and min(graph_reads) >= bound.read_top_k
+
+
+def test_predict_options_reach_the_backends(tiny_bundle):
+    """``flare22 predict --io-binding on --memory-read graph`` (PredictOptions) binds on the CPU
+    too, and labels a volume exactly as the unbound numpy-read default does."""
+    from app.predict import PredictOptions, Predictor
+
+    bundle = load_bundle(tiny_bundle)
+    vol = np.random.default_rng(2).normal(40, 200, (10, 64, 64)).astype(np.float32)
+    runs = {}
+    for binding, read in (("auto", "auto"), ("on", "numpy"), ("on", "graph")):
+        pred = Predictor(bundle, PredictOptions(mode="published", device="cpu", threads=1, io_binding=binding,
+                                                memory_read=read))
+        runs[binding, read] = (pred.info, pred.predict_volume(vol)[0])
+    info = {k: (v[0]["io_binding"], v[0]["memory_read"]) for k, v in runs.items()}
+    assert info == {("auto", "auto"): (False, "numpy"), ("on", "numpy"): (True, "numpy"), ("on", "graph"): (True, "onnx")}
+    assert np.array_equal(runs["auto", "auto"][1], runs["on", "numpy"][1])
