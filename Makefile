@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[cpu,train,test]"
+	$(BIN)/python -m pip install -q -e ".[cpu,train,test,openvino]"
 	touch $(STAMP)
 
 # The whole suite, then the image built and run as the organisers run it (skips with one

@@ -8,7 +8,7 @@ Manifest fields (format version 1)
 background), ``windows`` (see app.windowing), ``input_size`` [H, W], ``stride`` (key grid
 stride), ``position_encoding``, ``sampling`` {every, max}, ``selection``, ``propagation``
 (app.propagation.PropagationConfig fields), ``graphs`` (name -> {onnx, inputs, outputs},
-each input/output {name, shape, dtype}; optional ``onnx_fp16`` and ``torch``), ``files``
+each input/output {name, shape, dtype}; optional ``onnx_fp16``, ``onnx_int8`` and ``torch``), ``files``
 (relative path -> sha256), ``sources`` (training configs and iterations of the source
 checkpoints), ``versions`` (exporter and library versions), ``created`` (ISO time),
 ``parity`` (the export's parity table).
@@ -34,6 +34,10 @@ REQUIRED_FIELDS = (
     "sampling", "selection", "propagation", "graphs", "files", "created",
 )
 REQUIRED_GRAPHS = ("reference", "stcn_key", "stcn_skip", "stcn_value", "stcn_decode")
+# a graph's files: ONNX (fp32, and optional fp16 / int8 copies with the same inputs and outputs)
+# and an optional torch.export program
+ONNX_KEYS = ("onnx", "onnx_fp16", "onnx_int8")
+GRAPH_FILE_KEYS = (*ONNX_KEYS, "torch")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -132,13 +136,13 @@ def load_bundle(path: str | os.PathLike, *, verify_hashes: bool = True) -> Bundl
     _check_schema(path, manifest)
     files = manifest["files"]
     for name, g in graphs.items():
-        for key in ("onnx", "onnx_fp16", "torch"):
+        for key in GRAPH_FILE_KEYS:
             if key in g and g[key] not in files:
                 raise BundleError(path, f"graph {name!r} file {g[key]} has no sha256 in the manifest")
     for key, rel in (manifest.get("weights") or {}).items():
         if rel not in files:
             raise BundleError(path, f"weights {key!r} file {rel} has no sha256 in the manifest")
-    onnx_files = {g[k]: (name, g) for name, g in graphs.items() for k in ("onnx", "onnx_fp16") if k in g}
+    onnx_files = {g[k]: (name, g) for name, g in graphs.items() for k in ONNX_KEYS if k in g}
     for rel, digest in files.items():
         if rel in onnx_files:
             data = _read_inside(path, root, rel, MAX_FILE_BYTES)
@@ -228,7 +232,7 @@ def _check_schema(path: Path, m: dict) -> None:
     need(isinstance(weights, dict) and all(isinstance(v, str) for v in weights.values()), "weights",
          "must be an object (name -> file)")
     for name, g in m["graphs"].items():
-        for key in ("onnx", "onnx_fp16", "torch"):
+        for key in GRAPH_FILE_KEYS:
             if key in g:
                 need(isinstance(g[key], str), f"graphs.{name}.{key}", "must be a file name")
         for key in ("inputs", "outputs"):

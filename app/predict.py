@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .argtypes import positive_int, probability
-from .backends import DEVICES, EXTRA_BACKENDS, load_backends
+from .backends import DEVICES, EXTRA_BACKENDS, PRECISIONS, RUNTIMES, load_backends
 from .bundle import Bundle, load_bundle
 from .ctio import CTProperties, case_name, read_ct, write_labels, write_map
 from .errors import BundleError, Flare22Error
@@ -111,6 +111,12 @@ def resolve_settings(manifest: dict, mode: str | None, overrides: dict) -> tuple
     return mode, {"every": int(every), "max": int(maximum)}, cfg
 
 
+def model_slices(volume: np.ndarray, idx, windows, hw: tuple[int, int]) -> np.ndarray:
+    """Slices ``idx`` of a canonical HU volume as the networks take them: windowed and resized
+    to the model input, (B, 3, H, W) float32 (the predictor, quantisation's calibration)."""
+    return resize_stack(window_slices(volume[np.asarray(idx)], windows), hw)
+
+
 def pair_labels(probs_fn, volume: np.ndarray, windows, hw: tuple[int, int], batch: int = 8):
     """Yield (slice indices, (B, h, w) uint8 labels) over every axial slice of a canonical
     (N, h, w) HU volume: the one "volume -> pair labels" routine (``--mode dense``, training
@@ -121,7 +127,7 @@ def pair_labels(probs_fn, volume: np.ndarray, windows, hw: tuple[int, int], batc
     n, h, w = volume.shape
     for i in range(0, n, batch):
         z = np.arange(i, min(n, i + batch))
-        probs = probs_fn(resize_stack(window_slices(volume[z], windows), hw), (z / n).astype(np.float32))
+        probs = probs_fn(model_slices(volume, z, windows, hw), (z / n).astype(np.float32))
         yield z, np.stack([argmax_resized(p, (h, w)) for p in probs])
 
 
@@ -132,6 +138,10 @@ class PredictOptions:
     device: str = "auto"
     backend: str = "onnx"
     threads: int | None = None
+    runtime: str = "ort"  # ort (ONNX Runtime) or openvino (CPU)
+    precision: str = "auto"  # fp32, int8 or auto (the bundle's int8 graphs where it has them)
+    io_binding: str = "auto"  # auto (on where a GPU provider runs), on, off: features kept on the device
+    memory_read: str = "auto"  # auto (per device, app.backends.MEMORY_READ), graph (stcn_read) or numpy
     propagation: dict = field(default_factory=dict)  # overrides of the bundle's settings (and every / max)
     uncertainty: bool = False  # also return a per-voxel uncertainty map (see Predictor)
 
@@ -160,13 +170,15 @@ class Predictor:
 
     def _load(self, device: str) -> None:
         self.reference, self.stcn, self.info = load_backends(
-            self.bundle, backend=self.opt.backend, device=device, threads=self.opt.threads
+            self.bundle, backend=self.opt.backend, device=device, threads=self.opt.threads,
+            runtime=self.opt.runtime, precision=self.opt.precision, io_binding=self.opt.io_binding,
+            memory_read=self.opt.memory_read,
         )
         self.device = device
 
     def slices(self, volume: np.ndarray, idx) -> np.ndarray:
         """Windowed slices at model resolution: (B, 3, H, W) float32."""
-        return resize_stack(window_slices(volume[np.asarray(idx)], self.windows), self.hw)
+        return model_slices(volume, idx, self.windows, self.hw)
 
     def run_reference(self, volume: np.ndarray, idx: np.ndarray):
         """Yield (batch indices, outputs dict) over ``idx`` in batches."""
@@ -482,7 +494,8 @@ def predict_folder(
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime refusing a graph, an unknown mode: one line
             detail = " ".join(str(exc).split())[:240]
             raise BundleError(bundle.path, f"cannot be used: {type(exc).__name__}: {detail}") from None
-        log.info("bundle %s; backend %s; providers %s", bundle.path, predictor.info["backend"], predictor.info["providers"])
+        log.info("bundle %s; backend %s; providers %s; precision %s", bundle.path, predictor.info["backend"],
+                 predictor.info["providers"], predictor.info.get("precision", "fp32"))
         return _run_cases(predictor, cases, out, rep, quiet, review_threshold)
     finally:
         for f in folders:
@@ -682,7 +695,17 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", choices=("onnx", *EXTRA_BACKENDS), default="onnx",
                    help="ONNX Runtime (the appliance), or a backend the `flare22` command registers")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="ort",
+                   help="ort: ONNX Runtime (default); openvino: OpenVINO on the CPU (the optional openvino extra)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): the bundle's int8 graphs where `flare22 quantize` made them, else fp32")
+    p.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto",
+                   help="ONNX Runtime I/O binding, STCN features kept on the device between graphs "
+                        "(auto, the default: on where a GPU provider runs)")
+    p.add_argument("--memory-read", choices=("auto", "graph", "numpy"), default="auto",
+                   help="STCN memory read: the bundle's stcn_read graph or numpy (auto, the default: numpy on "
+                        "the CPU, the graph on CUDA)")
+    p.add_argument("--threads", type=positive_int, help="intra-op threads of the runtime (default: all cores)")
     p.add_argument("--batch", type=positive_int, default=8, help="slices per reference / key-encoder call")
     p.add_argument("--published-propagation", action="store_true",
                    help="the same as --mode published (the authors' propagation and cost)")
@@ -698,7 +721,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     mode = "published" if args.published_propagation else args.mode
     opts = PredictOptions(batch=args.batch, mode=mode, device=args.device, backend=args.backend,
-                          threads=args.threads, propagation=dict(args.propagation_option),
+                          threads=args.threads, runtime=args.runtime, precision=args.precision, io_binding=args.io_binding,
+                          memory_read=args.memory_read, propagation=dict(args.propagation_option),
                           uncertainty=args.uncertainty)
     t0 = time.perf_counter()
     try:

@@ -103,9 +103,28 @@ def run_once(predictor: Predictor, path: Path, out_dir: Path) -> dict:
             "figures": figures, "peak_rss_mb": figures.get("RSS_Max")}
 
 
+def runtime_choice(value: str) -> tuple[str, str]:
+    """``RUNTIME:PRECISION`` (``ort:fp32``, ``openvino:int8``, ...) for ``--runtimes``."""
+    import argparse
+
+    from app.backends import PRECISIONS, RUNTIMES
+
+    runtime, _, precision = value.partition(":")
+    if runtime not in RUNTIMES or (precision or "fp32") not in PRECISIONS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not RUNTIME:PRECISION with RUNTIME one of {', '.join(RUNTIMES)} "
+                                         f"and PRECISION one of {', '.join(PRECISIONS)}")
+    return runtime, precision or "fp32"
+
+
 def _variants(args) -> list[tuple[str, PredictOptions]]:
     base = dict(batch=args.batch, device="cpu", threads=args.threads)
-    v = [("full", PredictOptions(mode=args.mode, **base)), ("dense", PredictOptions(mode="dense", **base))]
+    runtimes = getattr(args, "runtimes", None) or [("ort", "fp32")]
+    v = []
+    for runtime, precision in runtimes:
+        name = "full" if (runtime, precision) == ("ort", "fp32") else f"full {runtime} {precision}"
+        v.append((name, PredictOptions(mode=args.mode, runtime=runtime, precision=precision, **base)))
+    if not getattr(args, "no_dense", False):
+        v.append(("dense", PredictOptions(mode="dense", **base)))
     if args.torch:
         v.append(("full-torch", PredictOptions(mode=args.mode, backend="torch", **base)))
         v.append(("dense-torch", PredictOptions(mode="dense", backend="torch", **base)))
@@ -132,6 +151,10 @@ def benchmark(bundle: Bundle, sizes, out_dir: Path, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         predictors = {name: Predictor(bundle, opt) for name, opt in _variants(args)}
+        if getattr(args, "warmup", False):  # first calls at each batch shape: allocation, kernel choice
+            warm = np.full((2 * args.batch + 4, 64, 64), -1000.0, np.float32)
+            for pred in predictors.values():
+                pred.predict_volume(warm)
         for n in sizes:
             case = _phantom(n, hw, args.seed)
             img, _ = case.images()
@@ -191,14 +214,14 @@ def markdown(res: dict) -> str:
                      f"{ratio:.2f} | {g:.1f} | {g / r['seconds']:.1f} | {r['peak_rss_mb'] or 0:.0f} | "
                      f"{r['figures'].get('AUC_CPU_Time', 0):.0f} |")
     lines.append("\n## Stages of the full pipeline\n")
-    lines.append("| N | stage | seconds | share | calls | GMAC | GMAC/s |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("| N | variant | stage | seconds | share | calls | GMAC | GMAC/s |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for r in res["runs"]:
-        if r["variant"] != "full":
+        if not r["variant"].startswith("full"):
             continue
         for s, sec in r["stages"].items():
             g = r["gmac"].get(s)
-            lines.append(f"| {r['num_slices']} | {s} | {sec:.3f} | {100 * sec / r['seconds']:.1f}% | "
+            lines.append(f"| {r['num_slices']} | {r['variant']} | {s} | {sec:.3f} | {100 * sec / r['seconds']:.1f}% | "
                          f"{r['calls'].get(s, '')} | {'' if g is None else f'{g:.1f}'} | "
                          f"{'' if not g or not sec else f'{g / sec:.1f}'} |")
     lines.append("\n## Growth with N\n")
@@ -226,6 +249,11 @@ def add_arguments(p) -> None:
     p.add_argument("--mode", choices=MODES, default="largest",
                    help="the mode of the \"full\" variant (default: largest, the STCN pipeline whose stages and "
                         "cost switches this benchmark breaks down); bench/mode_table.py compares every mode")
+    p.add_argument("--runtimes", nargs="+", type=runtime_choice, metavar="RUNTIME:PRECISION",
+                   help="the full pipeline once per runtime and precision, in one run (default ort:fp32); "
+                        "e.g. ort:fp32 openvino:int8")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    p.add_argument("--warmup", action="store_true", help="run every variant once on a small blank volume first")
     p.add_argument("--torch", action="store_true", help="also run the torch (eager) backend")
     p.add_argument("--ablation", action="store_true", help="published propagation and each cost switch (smallest N)")
     p.add_argument("--seed", type=nonneg_int, default=7)

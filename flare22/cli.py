@@ -55,6 +55,7 @@ COMMANDS = {
     "pseudo-label": (_module("training.pseudo_label"), "pseudo labels with uncertainty estimation"),
     "cycle": (_module("training.cycle"), "train -> pseudo-label -> retrain cycles"),
     "export": (_module("export.bundle"), "checkpoints -> ONNX / torch.export model bundle with parity check"),
+    "quantize": (_module("export.quantize"), "a bundle -> a new sealed bundle with int8 graphs (calibrated on CTs)"),
 }
 
 
