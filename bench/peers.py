@@ -133,7 +133,7 @@ def winner_plans(threads: int = 2) -> tuple[dict, dict]:
                 "dropout_op": None,
                 "dropout_op_kwargs": None,
                 "nonlin": "torch.nn.LeakyReLU",
-                "nonlin_kwargs": {"inplace": True},
+                "nonlin_kwargs": {"negative_slope": 0.01, "inplace": True},
             },
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
         },

@@ -27,6 +27,7 @@ def test_plans_are_the_winners_small_network():
     assert arch["kernel_sizes"][0] == [1, 3, 3] and all(k == [3, 3, 3] for k in arch["kernel_sizes"][1:])
     assert arch["strides"][0] == [1, 1, 1]  # the first stage does not downsample
     assert len(arch["n_conv_per_stage_decoder"]) == arch["n_stages"] - 1
+    assert arch["nonlin_kwargs"]["negative_slope"] == 0.01 and arch["norm_op_kwargs"]["affine"] is True
     # the patch is divisible by the total downsampling on every axis, as nnU-Net requires
     for axis, size in enumerate(cfg["patch_size"]):
         factor = 1
