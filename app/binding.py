@@ -242,10 +242,14 @@ class DeviceArray:
 
 class ConcatCache:
     """Memory frames joined on the device along ``axis``, remembering the last join per
-    first frame: a memory grows by one frame every few slices and is read on every slice,
-    so a read usually costs no join and at most one. ``capacity`` joins are kept."""
+    first frame (a memory's reference frame). A memory grows by one frame every few slices
+    and is read on every slice, so a read usually costs no join and at most one; where the
+    frames changed after a common prefix (a temporary slot replaced, a frame evicted), the
+    kept join is cut back to that prefix on the device and the rest joined to it.
+    ``capacity`` joins are kept (a pass holds two per organ: keys and values), so old
+    passes' joins do not hold GPU memory for long."""
 
-    def __init__(self, ctx: DeviceContext, capacity: int = 64):
+    def __init__(self, ctx: DeviceContext, capacity: int = 32):
         self.ctx, self.capacity = ctx, capacity
         self._joins: OrderedDict[tuple, tuple[list, DeviceArray]] = OrderedDict()
 
@@ -254,16 +258,20 @@ class ConcatCache:
         if len(xs) == 1:
             return xs[0]
         key = (id(xs[0]), axis)
-        hit = self._joins.get(key)
-        parts, out = (hit if hit and hit[0][0] is xs[0] else ([], None))
-        n = len(parts)
-        if n > len(xs) or any(p is not x for p, x in zip(parts, xs)):
-            n, out = 0, None
-        if out is None:
-            out, n = xs[0], 1
-        for x in xs[n:]:
+        parts, out = self._joins.get(key, ([], None))
+        common = 0
+        for p, x in zip(parts, xs):
+            if p is not x:
+                break
+            common += 1
+        if common < 2:  # nothing worth keeping (or another memory whose first frame reused the id)
+            out, common = xs[0], 1
+        elif common < len(parts):  # cut back to the common prefix
+            width = sum(p.shape[axis] for p in parts[:common])
+            out = self.ctx.crop(out, [0], [width], [axis if axis >= 0 else out.ndim + axis])
+        for x in xs[common:]:
             out = self.ctx.concat2(out, x, axis)
-        self._joins[key] = (list(xs), out)  # holds the frames, so their ids are not reused
+        self._joins[key] = (list(xs), out)  # holds the frames, so their ids are not reused meanwhile
         self._joins.move_to_end(key)
         while len(self._joins) > self.capacity:
             self._joins.popitem(last=False)

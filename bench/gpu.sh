@@ -84,13 +84,15 @@ if [ -n "$need" ]; then
 else
   BUNDLE="${GPU_BUNDLE:-/tmp/flare22-gpu-bundle-$CONFIG}"  # outside $OUT: a paper bundle is ~700 MB
   if [ -z "${GPU_BUNDLE:-}" ] && [ ! -f "$BUNDLE/manifest.json" ]; then
-    step export 200 "$PY" -c "from export.bundle import export_bundle; export_bundle('$BUNDLE', ref_config='$CONFIG', stcn_config='$CONFIG', seed=0, quiet=True)"
+    step export 180 "$PY" -c "from export.bundle import export_bundle; export_bundle('$BUNDLE', ref_config='$CONFIG', stcn_config='$CONFIG', seed=0, quiet=True)"
   fi
   SRC=(--bundle "$BUNDLE")
   if [ -d "$CASES" ] && [ -z "$(missing SimpleITK)" ]; then
-    step ort-real-cts 120 "$PY" bench/io_binding.py "${SRC[@]}" --device $DEVICE --cases "$CASES" --repeats $REPEATS --out "$OUT/ort-real"
+    step ort-real-cts 100 "$PY" bench/io_binding.py "${SRC[@]}" --device $DEVICE --cases "$CASES" --repeats $REPEATS --out "$OUT/ort-real"
   fi
-  step ort-phantom 150 "$PY" bench/io_binding.py "${SRC[@]}" --device $DEVICE "${SIZE[@]}" --repeats $REPEATS --out "$OUT/ort-phantom"
+  step ort-phantom 130 "$PY" bench/io_binding.py "${SRC[@]}" --device $DEVICE "${SIZE[@]}" --repeats $REPEATS --out "$OUT/ort-phantom"
+  # the default on CUDA alone in its process: its peak GPU memory, not mixed with other variants' sessions
+  step ort-memory 60 "$PY" bench/io_binding.py "${SRC[@]}" --device $DEVICE "${SIZE[@]}" --repeats 1 --variants bound-graph --out "$OUT/ort-memory"
 fi
 
 # 2. torch backend, paper networks in fp16 (the previous GPU script)
@@ -98,7 +100,7 @@ need=$(echo $(missing numpy scipy psutil torch timm segmentation_models_pytorch)
 if [ -n "$need" ]; then
   echo "torch part skipped: missing $need" | tee -a "$OUT/steps.txt"; status=1
 else
-  step torch 110 "$PY" bench/gpu.py "${TORCH[@]}" --out "$OUT/torch"
+  step torch 100 "$PY" bench/gpu.py "${TORCH[@]}" --out "$OUT/torch"
 fi
 cat "$OUT/steps.txt"
 exit $status

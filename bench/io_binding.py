@@ -42,6 +42,8 @@ VARIANTS = {  # name -> (io_binding, memory_read)
     "bound, graph read": ("on", "graph"),
 }
 BASE = "unbound, numpy read"
+SHORT = {"unbound-numpy": "unbound, numpy read", "unbound-graph": "unbound, graph read",
+         "bound-numpy": "bound, numpy read", "bound-graph": "bound, graph read"}
 
 
 def cases(args):
@@ -73,10 +75,12 @@ def measure(args, bundle_path: Path) -> dict:
         from evaluation.efficiency import GpuProbe
 
         probe = GpuProbe.open(0)
-    preds, infos = {}, {}
-    for name, (binding, read) in VARIANTS.items():
+    preds, infos, stcns = {}, {}, {}
+    names = [SHORT[v] for v in args.variants]
+    for name in names:
+        binding, read = VARIANTS[name]
         backends = load_backends(bundle, device=args.device, threads=args.threads, io_binding=binding, memory_read=read)
-        infos[name] = backends[2]
+        infos[name], stcns[name] = backends[2], backends[1]
         preds[name] = Predictor(bundle, PredictOptions(mode=args.mode, device=args.device, threads=args.threads,
                                                        batch=args.batch), backends=backends)
     res = {"device": args.device, "mode": args.mode, "threads": args.threads, "repeats": args.repeats,
@@ -85,56 +89,68 @@ def measure(args, bundle_path: Path) -> dict:
            "io_binding": {k: v["io_binding"] for k, v in infos.items()},
            "memory_read": {k: v["memory_read"] for k, v in infos.items()}, "cases": []}
     for i, (case, volume) in enumerate(cases(args)):
-        order = list(VARIANTS)
-        order = order[i % 4 :] + order[: i % 4]
+        order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:  # warm-up: sessions, arenas, kernels
             preds[name].predict_volume(volume[: min(len(volume), 8)])
-        runs = {name: [] for name in VARIANTS}
-        labels, reads, gpu = {}, {name: [] for name in VARIANTS}, {}
+        runs = {name: [] for name in names}
+        labels, reads, gpu, helpers = {}, {name: [] for name in names}, {}, {}
         for _ in range(args.repeats):
             for name in order:
+                ctx = stcns[name].ctx
+                calls0 = ctx.helper_calls if ctx is not None else 0
+                mon = None
                 if probe is not None:
                     from evaluation.efficiency import ResourceMonitor
 
                     mon = ResourceMonitor(gpu=probe, interval_s=0.05)
-                    with mon:
-                        t0 = time.perf_counter()
-                        labels[name], report = preds[name].predict_volume(volume)
-                        secs = time.perf_counter() - t0
-                    gpu[name] = max(gpu.get(name, 0), mon.figures(secs).to_dict().get("GPU_Mem") or 0)
-                else:
-                    t0 = time.perf_counter()
+                    mon.__enter__()
+                t0 = time.perf_counter()
+                try:
                     labels[name], report = preds[name].predict_volume(volume)
+                finally:
                     secs = time.perf_counter() - t0
+                    if mon is not None:
+                        mon.__exit__(None, None, None)
+                if mon is not None:
+                    gpu[name] = max(gpu.get(name, 0), mon.figures(secs).to_dict().get("GPU_Mem") or 0)
+                helpers[name] = (ctx.helper_calls - calls0) if ctx is not None else 0
                 runs[name].append(secs)
                 reads[name].append(report.get("propagation", {}).get("seconds", {}).get("read_memory", 0.0))
         row = {"case": case, "shape": list(volume.shape), "variants": {}}
-        for name in VARIANTS:
+        base = BASE if BASE in names else None
+        for name in names:
             row["variants"][name] = {"best_s": min(runs[name]), "median_s": statistics.median(runs[name]),
                                      "read_memory_median_s": statistics.median(reads[name]),
-                                     "over_base": statistics.median(runs[name]) / statistics.median(runs[BASE])}
+                                     "helper_calls": helpers[name],
+                                     "over_base": statistics.median(runs[name]) / statistics.median(runs[base]) if base else None}
             if gpu:
                 row["variants"][name]["gpu_mem_mb"] = gpu.get(name)
         row["bound_equals_unbound"] = {read: bool(np.array_equal(labels[f"bound, {read} read"], labels[f"unbound, {read} read"]))
-                                       for read in ("numpy", "graph")}
-        row["graph_vs_numpy_read_label_agreement"] = float((labels["unbound, graph read"] == labels[BASE]).mean())
+                                       for read in ("numpy", "graph")
+                                       if f"bound, {read} read" in labels and f"unbound, {read} read" in labels}
+        if "unbound, graph read" in labels and BASE in labels:
+            row["graph_vs_numpy_read_label_agreement"] = float((labels["unbound, graph read"] == labels[BASE]).mean())
         res["cases"].append(row)
-        print(f"{case}: " + ", ".join(f"{n} {row['variants'][n]['median_s']:.3f} s" for n in VARIANTS), flush=True)
+        print(f"{case}: " + ", ".join(f"{n} {row['variants'][n]['median_s']:.3f} s" for n in names), flush=True)
     return res
 
 
 def table(res: dict) -> str:
+    names = list(res["cases"][0]["variants"]) if res["cases"] else []
     lines = [f"device {res['device']} ({', '.join(next(iter(res['providers'].values())))}), mode {res['mode']}, "
-             f"threads {res['threads']}, median of {res['repeats']}; ratios to '{BASE}' in the same run", "",
-             "| case | " + " | ".join(VARIANTS) + " | bound = unbound | graph/numpy labels |",
-             "|---|" + "---:|" * len(VARIANTS) + "---|---:|"]
+             f"threads {res['threads']}, median of {res['repeats']}; ratios to '{BASE}' in the same run; "
+             "GPU memory: NVML, the whole process so far (sessions of earlier variants included)", "",
+             "| case | " + " | ".join(names) + " | bound = unbound | graph/numpy labels |",
+             "|---|" + "---:|" * len(names) + "---|---:|"]
     for row in res["cases"]:
         v = row["variants"]
-        cells = [f"{v[n]['median_s']:.3f} s ({v[n]['over_base']:.2f}x; read {v[n]['read_memory_median_s']:.3f} s"
-                 + (f"; {v[n]['gpu_mem_mb']} MB" if "gpu_mem_mb" in v[n] else "") + ")" for n in VARIANTS]
+        cells = [f"{v[n]['median_s']:.3f} s (" + (f"{v[n]['over_base']:.2f}x; " if v[n]["over_base"] else "")
+                 + f"read {v[n]['read_memory_median_s']:.3f} s; {v[n]['helper_calls']} helper calls"
+                 + (f"; {v[n]['gpu_mem_mb']} MB" if "gpu_mem_mb" in v[n] else "") + ")" for n in names]
         same = all(row["bound_equals_unbound"].values())
+        agree = row.get("graph_vs_numpy_read_label_agreement")
         lines.append(f"| {row['case']} {'x'.join(map(str, row['shape']))} | " + " | ".join(cells)
-                     + f" | {'yes' if same else 'NO'} | {row['graph_vs_numpy_read_label_agreement']:.4f} |")
+                     + f" | {'yes' if same else 'NO'} | {'-' if agree is None else f'{agree:.4f}'} |")
     return "\n".join(lines)
 
 
@@ -151,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=Path, help="folder of *_0000.nii.gz CTs (default: one phantom)")
     p.add_argument("--slices", type=positive_int, default=60)
     p.add_argument("--in-plane", type=positive_int, default=256)
+    p.add_argument("--variants", nargs="+", choices=list(SHORT), default=list(SHORT),
+                   help="which of the four to run (one alone: its GPU memory is not mixed with the others')")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

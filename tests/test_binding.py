@@ -58,6 +58,10 @@ def test_joins_grow_by_one_concat_per_new_frame(ctx):
     before = ctx.helper_calls
     cache.join(frames, axis=2)
     assert ctx.helper_calls == before  # read again, nothing joined
+    swapped = frames[:3] + [ctx.upload(np.ones((1, 5, 2), np.float32))]  # a new temporary slot:
+    before = ctx.helper_calls                                                # cut back, one join
+    assert np.array_equal(cache.join(swapped, axis=2).numpy(), np.concatenate([f.numpy() for f in swapped], axis=2))
+    assert ctx.helper_calls - before == 2
     evicted = [frames[0]] + frames[2:]  # the oldest non-reference frame evicted: joined afresh
     assert np.array_equal(cache.join(evicted, axis=2).numpy(),
                           np.concatenate([f.numpy() for f in evicted], axis=2))

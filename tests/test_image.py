@@ -182,3 +182,5 @@ def test_gpu_script_dry_runs_on_the_cpu(tiny_bundle, tmp_path):
     assert json.loads((tmp_path / "torch" / "gpu.json").read_text())["config"] == "tiny"
     steps = (tmp_path / "steps.txt").read_text()
     assert "ort-phantom rc=0" in steps and "torch rc=0" in steps and "ort-real-cts" not in steps
+    alone = json.loads((tmp_path / "ort-memory" / "io_binding.json").read_text())
+    assert list(alone["cases"][0]["variants"]) == ["bound, graph read"]
