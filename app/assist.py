@@ -108,9 +108,16 @@ def fill_modes(
     config: PropagationConfig | None = None,
     fusion: FusionConfig | None = None,
     variants: dict[str, FusionConfig] | None = None,
+    absent_votes: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """Every mode in ``modes`` from one engine run: {mode: (N, h, w) labels} and stats.
-    ``variants`` adds more fused fillings, one per named FusionConfig (for tuning)."""
+    ``variants`` adds more fused fillings, one per named FusionConfig (for tuning).
+
+    ``absent_votes``: a drawn slice is truth for every organ, so an organ not drawn on it is
+    known to be absent there: the pass from that slice votes 0 for it, weighted linearly
+    by distance as the votes of the drawn organs are (the engine's reference weights, all
+    1). Without it, an organ drawn on one side of a gap is decided by that side's pass
+    alone, which must find by itself where the organ ends."""
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"mode must be one of {MODES}, got {bad[0]!r}")
@@ -135,7 +142,8 @@ def fill_modes(
             return resize_stack(window_slices(volume[np.asarray(idx)], windows), hw)
 
         engine = PropagationEngine(backend, config or PropagationConfig(), num_organs=NUM_CLASSES - 1)
-        result = engine.run(n, hw, get, refs)
+        weights = {t: np.ones(NUM_CLASSES - 1) for t in slices} if absent_votes else None
+        result = engine.run(n, hw, get, refs, reference_weights=weights)
         stats["engine"] = result.stats.to_json()
         engine_s = time.perf_counter() - t0
         todo = (["stcn"] if "stcn" in modes else []) + list(fusions)
@@ -164,6 +172,7 @@ def propagate_annotations(
     config: PropagationConfig | None = None,
     mode: str = "stcn",
     fusion: FusionConfig | None = None,
+    absent_votes: bool = True,
 ) -> tuple[np.ndarray, dict]:
     """(N, h, w) HU + annotations on ``slices`` -> (N, h, w) labels and stats.
 
@@ -171,7 +180,7 @@ def propagate_annotations(
     interpolation), ``stcn`` (the propagation engine alone), ``fused`` (STCN fused with the
     interpolation). The first two need no backend."""
     filled, st = fill_modes(backend, volume, annotations, slices, hw, [mode], windows=windows, config=config,
-                            fusion=fusion)
+                            fusion=fusion, absent_votes=absent_votes)
     n = volume.shape[0]
     seconds = st["seconds"][mode]
     stats = {"mode": mode, "seconds": seconds, "seconds_per_slice": seconds / max(1, n - len(set(slices))),

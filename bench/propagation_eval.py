@@ -32,9 +32,11 @@ sys.path.insert(0, str(ROOT))
 from app.assist import MODES, FusionConfig, fill_modes, largest_area_slices, nearest_copy, propagate_annotations  # noqa: E402
 from app.ctio import read_ct, read_label_like  # noqa: E402
 from app.labels import ORGANS  # noqa: E402
+from app.resize import resize_labels_nearest  # noqa: E402
 from app.propagation import PropagationConfig  # noqa: E402
 from evaluation.scoring import dice  # noqa: E402
 from training.torch_backend import TorchStcnBackend  # noqa: E402
+from training.models.stcn import STCN_CONFIGS  # noqa: E402
 from training.train_propagation import load_stcn  # noqa: E402
 
 SHARED = Path(os.environ.get("FLARE22_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -81,7 +83,7 @@ def assist_table(args) -> int:
     backend, size = None, 128
     if args.stcn:
         net, state = load_stcn(args.stcn)
-        size = 128 if state["config"]["model"] == "tiny" else 512
+        size = propagation_size(state)
         backend = TorchStcnBackend(net, "cpu")
     else:
         modes = [m for m in modes if m in ("nearest", "interp")]
@@ -96,7 +98,8 @@ def assist_table(args) -> int:
             slices = list(range(0, gt.shape[0], step))
             ann = np.zeros_like(gt)
             ann[slices] = gt[slices]
-            filled, stats = fill_modes(backend, vol, ann, slices, (size, size), modes, fusion=fusion, variants=variants)
+            filled, stats = fill_modes(backend, vol, ann, slices, (size, size), modes, fusion=fusion, variants=variants,
+                                       absent_votes=not args.no_absent_votes)
             for mode, pred in filled.items():
                 r = rows.setdefault(group, {}).setdefault(f"every{step}", {}).setdefault(mode, {"dsc": [], "ms": []})
                 r["dsc"].append(mean_dsc(gt, pred))
@@ -104,7 +107,8 @@ def assist_table(args) -> int:
             print(f"  {name} every{step}: " + " ".join(f"{m} {rows[group][f'every{step}'][m]['dsc'][-1]:.3f}"
                                                       for m in filled), flush=True)
     modes = modes + list(variants)
-    res = {"stcn": args.stcn or None, "fusion": fusion.__dict__, "variants": {k: v.__dict__ for k, v in variants.items()},
+    res = {"stcn": args.stcn or None, "absent_votes": not args.no_absent_votes, "fusion": fusion.__dict__,
+           "variants": {k: v.__dict__ for k, v in variants.items()},
            "groups": {}}
     for group, by_step in rows.items():
         res["groups"][group] = {}
@@ -123,6 +127,24 @@ def assist_table(args) -> int:
     return 0
 
 
+def propagation_size(state: dict) -> int:
+    """The slice size a checkpoint propagates at: its config's, or its training view (``--view``)."""
+    return max(STCN_CONFIGS[state["config"]["model"]].image_size, int(state["config"].get("view", 0)))
+
+
+def copy_at(ann: np.ndarray, slices: list[int], hw: tuple[int, int]) -> np.ndarray:
+    """The nearest copy made through the model's resolution (drawn slices resized to ``hw``,
+    copied, resized back; drawn slices kept): the copy under the same loss of in-plane
+    detail as the propagation's output, which is composed at the model's size."""
+    n, h, w = ann.shape
+    small = np.zeros((n,) + tuple(hw), ann.dtype)
+    small[slices] = np.stack([resize_labels_nearest(ann[t], hw) for t in slices])
+    copied = nearest_copy(small, slices)
+    out = np.stack([resize_labels_nearest(copied[t], (h, w)) for t in range(n)])
+    out[slices] = ann[slices]
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=("largest", "every10", "assist"))
@@ -132,6 +154,9 @@ def main() -> int:
     p.add_argument("--steps", default="5,10,20", help="assist: draw every k-th slice, for each k")
     p.add_argument("--fusion", default="", help='assist: FusionConfig fields as JSON, e.g. {"stcn_weight": 0.3}')
     p.add_argument("--variants", default="", help='assist: more fused fillings to score, JSON {name: FusionConfig fields}')
+    p.add_argument("--config", default="", help='largest / every10: PropagationConfig fields as JSON, e.g. {"crop": false}')
+    p.add_argument("--no-absent-votes", action="store_true",
+                   help="organs missing from a drawn slice do not vote 0 (the engine finds their ends alone)")
     p.add_argument("--json", default="", help="where to write the JSON (default bench/out/propagation_eval/WHAT.json)")
     args = p.parse_args()
     if args.what == "assist":
@@ -141,8 +166,9 @@ def main() -> int:
     if not args.phantoms:
         args.phantoms = str(OUT / "phantoms")
     net, state = load_stcn(args.stcn)
-    size = 128 if state["config"]["model"] == "tiny" else 512
+    size = propagation_size(state)
     backend = TorchStcnBackend(net, "cpu")
+    config = PropagationConfig().with_overrides(json.loads(args.config)) if args.config else PropagationConfig()
     groups: dict[str, dict] = {}
     for group, img, lab in cases(Path(args.phantoms)):
         vol, props = read_ct(img)
@@ -153,26 +179,31 @@ def main() -> int:
             slices = list(range(0, gt.shape[0], 10))
         ann = np.zeros_like(gt)
         ann[slices] = gt[slices]
-        pred, stats = propagate_annotations(backend, vol, ann, slices, (size, size), config=PropagationConfig())
+        pred, stats = propagate_annotations(backend, vol, ann, slices, (size, size), config=config,
+                                            absent_votes=not args.no_absent_votes)
         copy = nearest_copy(ann, slices)
-        g = groups.setdefault(group, {"prop": {}, "copy": {}, "seconds_per_slice": []})
+        coarse = copy_at(ann, slices, (size, size))
+        g = groups.setdefault(group, {"prop": {}, "copy": {}, "copy_model_res": {}, "seconds_per_slice": []})
         g["seconds_per_slice"].append(stats["seconds_per_slice"])
         for o in ORGANS:
             if (gt == o).any():
                 g["prop"].setdefault(o, []).append(dice(gt == o, pred == o))
                 g["copy"].setdefault(o, []).append(dice(gt == o, copy == o))
-    res = {}
+                g["copy_model_res"].setdefault(o, []).append(dice(gt == o, coarse == o))
+    res = {"config": config.to_json(), "absent_votes": not args.no_absent_votes}
     for group, g in groups.items():
-        prop = {o: float(np.mean(v)) for o, v in sorted(g["prop"].items())}
-        copy = {o: float(np.mean(v)) for o, v in sorted(g["copy"].items())}
+        prop, copy, coarse = ({o: float(np.mean(v)) for o, v in sorted(g[k].items())}
+                              for k in ("prop", "copy", "copy_model_res"))
         res[group] = {"per_organ": prop, "nearest_copy": copy, "mean": float(np.mean(list(prop.values()))),
                       "nearest_copy_mean": float(np.mean(list(copy.values()))),
+                      "nearest_copy_model_res_mean": float(np.mean(list(coarse.values()))),
                       "ms_per_filled_slice": 1000 * float(np.mean(g["seconds_per_slice"]))}
         print(f"\n{group} ({args.what}): mean DSC {res[group]['mean']:.3f}  nearest copy "
-              f"{res[group]['nearest_copy_mean']:.3f}  ({res[group]['ms_per_filled_slice']:.0f} ms per filled slice)")
-        print("| organ | propagated | nearest copy |\n|---|---|---|")
+              f"{res[group]['nearest_copy_mean']:.3f} (through the model's {size} x {size}: "
+              f"{res[group]['nearest_copy_model_res_mean']:.3f})  ({res[group]['ms_per_filled_slice']:.0f} ms per filled slice)")
+        print("| organ | propagated | nearest copy | copy at model res |\n|---|---|---|---|")
         for o in prop:
-            print(f"| {o} {ORGANS[o]} | {prop[o]:.3f} | {copy[o]:.3f} |")
+            print(f"| {o} {ORGANS[o]} | {prop[o]:.3f} | {copy[o]:.3f} | {coarse[o]:.3f} |")
     OUT.mkdir(parents=True, exist_ok=True)
     out = Path(args.json) if args.json else OUT / f"{args.what}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -204,3 +204,21 @@ def test_cli_interp_needs_no_bundle(case, tmp_path):
     r = run_cli("--image", root / "ct.nii.gz", "--annotations", root / "ann.nii.gz", "--out", tmp_path / "s.nii.gz",
                 "--mode", "stcn")
     assert r.returncode == 2 and "needs --bundle" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_absent_on_a_drawn_slice_votes_zero():
+    """An organ drawn on slice 2 and not on slice 10 (which shows another organ): with
+    absent votes the pass from 10 votes it absent, weighted by distance, so it ends near the
+    midpoint as the copy does; without them the copying stand-in carries it to slice 9."""
+    n, hw = 12, (32, 32)
+    vol = np.full((n, *hw), 1000.0, np.float32)  # bright: the stand-in never lets an organ vanish
+    ann = np.zeros((n, *hw), np.uint8)
+    ann[2, 4:12, 4:16] = 1
+    ann[10, 20:28, 16:24] = 3
+    cfg = PropagationConfig(top_k=1)
+    kept = [bool((lab == 1).any()) for lab in fill_modes(CopyBackend(), vol, ann, [2, 10], hw, ["stcn"], config=cfg,
+                                                         absent_votes=False)[0]["stcn"][3:10]]
+    assert all(kept)
+    voted = fill_modes(CopyBackend(), vol, ann, [2, 10], hw, ["stcn"], config=cfg)[0]["stcn"]
+    assert [bool((voted[t] == 1).any()) for t in range(3, 10)] == [True] * 3 + [False] * 4
+    assert [bool((voted[t] == 3).any()) for t in range(3, 10)] == [False] * 4 + [True] * 3  # 6: a tie, background

@@ -100,3 +100,48 @@ def test_demo_budgets_are_iterations_and_a_folder_keeps_its_own(tmp_path):
     demo.check_budgets(tmp_path, quick)  # same budgets: reused
     with pytest.raises(SystemExit, match="other budgets"):
         demo.check_budgets(tmp_path, full)
+
+
+def test_along_z_warp_grows_through_the_clip():
+    rng = np.random.default_rng(4)
+    img = np.repeat(rng.random((1, 3, 32, 32)).astype(np.float32), 3, axis=0)
+    lab = np.zeros((3, 32, 32), np.int64)
+    lab[:, 10:22, 8:20] = 2
+    lab[:, 4:8, 24:30] = 5
+    w_img, w_lab = TP.along_z_warp(img, lab, np.random.default_rng(0))
+    assert w_img.shape == img.shape and w_lab.shape == lab.shape
+    assert np.array_equal(w_img[0], img[0]) and np.array_equal(w_lab[0], lab[0])  # frame 0: the memory, untouched
+    assert set(np.unique(w_lab)) <= {0, 2, 5}  # labels resampled, never blended
+    change = [int((w_lab[j] != lab[0]).sum()) for j in (1, 2)]
+    assert 0 < change[0] < change[1]  # half the displacement on frame 1, all of it on frame 2
+
+
+def test_labelled_clips_second_object(folders, tmp_path):
+    vols = load_folder(folders / "lab", labelled=True, cache_dir=tmp_path)
+    warped = TP.ClipSampler(vols, seed=0, z_warp=1.0, second="rest")
+    for _ in range(4):
+        img, mem, tgt = warped.clip(3, 64, False)
+        assert img.shape == (3, 3, 64, 64) and tgt.shape == (3, 64, 64)
+        assert mem[0].any() and np.array_equal(mem[0], tgt[0] == 1) and np.array_equal(mem[1], tgt[0] == 2)
+    # the same draws (same seed, no warp): "rest" makes object 2 every other organ of the
+    # slices, "organ" one of them
+    grew = 0
+    for seed in range(6):
+        _, _, one = TP.ClipSampler(vols, seed=seed, second="organ").clip(3, 64, False)
+        _, _, rest = TP.ClipSampler(vols, seed=seed, second="rest").clip(3, 64, False)
+        assert np.array_equal(one == 1, rest == 1)
+        assert not ((one == 2) & (rest != 2)).any()
+        grew += int((rest == 2).sum() > (one == 2).sum())
+    assert grew >= 3
+
+
+def test_view_crops_keep_the_target_organ(folders, tmp_path):
+    vols = load_folder(folders / "lab", labelled=True, cache_dir=tmp_path)
+    s = TP.ClipSampler(vols, seed=1, view=128)
+    for _ in range(6):
+        img, mem, tgt = s.clip(3, 64, False)
+        assert img.shape == (3, 3, 64, 64) and tgt.shape == (3, 64, 64)
+        assert mem[0].any() and np.array_equal(mem[0], tgt[0] == 1)  # the organ lies in the crop
+    corners = {s._corner(np.array([40, 50]), 64, 128) for _ in range(50)}
+    assert corners <= set(range(0, 41)) and len(corners) > 5  # rows 40..50 inside every crop
+    assert {s._corner(np.array([0, 127]), 64, 128) for _ in range(20)} <= set(range(0, 65))  # too big: any crop inside

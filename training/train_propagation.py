@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from app.argtypes import nonneg_int, positive_int
+from app.argtypes import nonneg_int, positive_int, probability
 from app.assist import largest_area_slices, nearest_copy, propagate_annotations
 from app.labels import ORGANS
 from app.propagation import PropagationConfig
@@ -53,6 +53,18 @@ class PropagationTrainConfig(T.RunConfig):
     # (fraction of training where it starts, max skip): 3, 4, 5, 7, 3 as the authors' code
     curriculum: tuple[tuple[float, int], ...] = ((0.0, 3), (0.1, 4), (0.2, 5), (0.3, 7), (0.8, 3))
     flip: bool = T.arg(True, help="no random flips (STCN is class-agnostic: a flip harms nothing here)")
+    z_warp: float = T.arg(0.0, type=probability,
+                          help="share of labelled clips given extra along-z change: one random affine + elastic "
+                               "warp, half of it on frame 1 and all of it on frame 2 (organs move, grow or shrink "
+                               "and change shape from frame to frame, as in real CT)")
+    view: int = T.arg(0, type=nonneg_int,
+                      help="slices are resized to VIEW x VIEW and a crop of the config's size around the target "
+                           "organ is trained on (0: the config's size, no crop); validation propagates at VIEW, "
+                           "so small organs span more cells of the key grid")
+    second: str = T.arg("organ", choices=("organ", "rest"),
+                        help="the clip's second object: a random other organ of frame 0 (organ), or all other "
+                             "organs together (rest), so that each object's 'other masks' input is every other "
+                             "organ, as in inference")
     unlabelled: str = T.arg("", help="comma-separated folders of unlabelled CT (images/ is enough) for pretraining")
     pretrain_iterations: int = T.arg(0, type=nonneg_int,
                                      help="self-made-mask pretraining iterations on --unlabelled before the main stage")
@@ -70,9 +82,10 @@ def max_skip(it: int, cfg: PropagationTrainConfig) -> int:
 class ClipSampler:
     """Draws 3-slice clips with two organs from labelled volumes."""
 
-    def __init__(self, vols: list[Volume], seed: int):
+    def __init__(self, vols: list[Volume], seed: int, *, z_warp: float = 0.0, second: str = "organ", view: int = 0):
         self.vols = vols
         self.rng = np.random.default_rng(seed)
+        self.z_warp, self.second, self.view = z_warp, second, view
         # slices holding each organ, per volume (computed once)
         self.where = []
         for v in vols:
@@ -98,20 +111,54 @@ class ClipSampler:
         for _ in range(2):
             step = int(self.rng.integers(1, skip + 1))
             zs.append(int(np.clip(zs[-1] + d * step, 0, n - 1)))
-        img, _ = slice_inputs(vol, np.array(zs), size)
-        lab = slice_labels(vol, np.array(zs), size)
-        others = [o for o in np.unique(lab[0]) if o not in (0, organ)]
-        second = int(self.rng.choice(others)) if others else -1
+        view = max(size, self.view)
+        img, _ = slice_inputs(vol, np.array(zs), view)
+        lab = slice_labels(vol, np.array(zs), view)
+        if view > size:  # a size x size crop holding the target organ of frame 0, placed at random
+            ys, xs = np.nonzero(lab[0] == organ)
+            if len(ys):
+                y0, x0 = self._corner(ys, size, view), self._corner(xs, size, view)
+            else:  # the organ vanished in the resize: any crop
+                y0, x0 = (int(v) for v in self.rng.integers(0, view - size + 1, 2))
+            img = img[..., y0:y0 + size, x0:x0 + size]
+            lab = lab[..., y0:y0 + size, x0:x0 + size]
+        if self.z_warp > 0 and self.rng.random() < self.z_warp:
+            img, lab = along_z_warp(img, lab, self.rng)
         target = np.zeros_like(lab)
         target[lab == organ] = 1
-        if second > 0:
-            target[lab == second] = 2
+        if self.second == "rest":
+            target[(lab > 0) & (lab != organ)] = 2
+        else:
+            others = [o for o in np.unique(lab[0]) if o not in (0, organ)]
+            second = int(self.rng.choice(others)) if others else -1
+            if second > 0:
+                target[lab == second] = 2
         first = np.stack([(target[0] == 1), (target[0] == 2)]).astype(np.float32)
         return _flip(self.rng, flip, img, first, target)
+
+    def _corner(self, coords: np.ndarray, size: int, view: int) -> int:
+        """A random crop start along one axis that keeps ``coords`` inside the crop where they
+        fit (else the crop lies inside their extent)."""
+        a, b = sorted((max(0, int(coords.max()) - size + 1), min(int(coords.min()), view - size)))
+        return int(self.rng.integers(a, b + 1))
 
     def batch(self, b: int, skip: int, size: int, flip: bool):
         clips = [self.clip(skip, size, flip) for _ in range(b)]
         return tuple(np.stack(x) for x in zip(*clips))
+
+
+def along_z_warp(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """More change along z than the phantoms' own: one random affine + elastic warp
+    (training.data.random_warp) whose displacement grows linearly through the clip (none on
+    frame 0, half on frame 1, all on frame 2), so that organs drift, grow or shrink and bend
+    from slice to slice. img (T, 3, H, W), lab (T, H, W) -> the same, warped."""
+    t, h, w = lab.shape
+    ident = np.mgrid[:h, :w].astype(np.float32)
+    disp = random_warp((h, w), rng, rotate_deg=10.0, scale=(0.85, 1.15), shift=0.05) - ident
+    img, lab = img.copy(), lab.copy()
+    for j in range(1, t):
+        img[j], lab[j] = warp(img[j], lab[j], ident + disp * (j / (t - 1)))
+    return img, lab
 
 
 def _flip(rng, flip: bool, *arrays):
@@ -193,7 +240,7 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
     sched = T.multistep_lr(opt, cfg.iterations, cfg.milestones)
     use_amp = cfg.amp and info.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    sampler = ClipSampler(vols, cfg.seed * 1000 + info.rank)
+    sampler = ClipSampler(vols, cfg.seed * 1000 + info.rank, z_warp=cfg.z_warp, second=cfg.second, view=cfg.view)
     pre = cfg.pretrain_iterations
     synth = None
     if pre > 0:
@@ -243,7 +290,7 @@ def train(cfg: PropagationTrainConfig, out_dir, resume: str | None = None, progr
         if it < pre:  # pretraining: checkpoints, no validation
             return None
         net.eval()
-        res = evaluate(net, val, size, info.device)
+        res = evaluate(net, val, max(size, cfg.view), info.device)
         net.train()
         return res
 
