@@ -18,13 +18,19 @@ Runtimes (``--runtime``): ``ort`` (ONNX Runtime, the providers above) or ``openv
 (OpenVINO's CPU plugin reading the bundle's ONNX graphs directly; CPU only; an optional extra,
 ``pip install flare22[openvino]``). Precision (``--precision``): ``fp32``, ``int8`` (the graphs
 ``flare22 quantize`` adds to a bundle, ``onnx_int8`` in the manifest; graphs without one run
-in fp32) or ``auto`` (int8 wherever the bundle has it). What ran, per graph, goes into every
+in fp32), ``auto`` (int8 wherever the bundle has it) or ``bf16`` (OpenVINO only: the fp32
+graphs computed in bfloat16 on CPUs with AVX-512 BF16 or AMX). What ran, per graph, goes into every
 case report (``backend.runtime``, ``backend.precision``, ``backend.providers``).
 
-Memory read: the bundle's ``stcn_read`` graph where the bundle has one (bundles exported
-before ``export.graphs`` dropped it) and the memory holds at least its baked-in ``top_k``
-entries (on the CPU provider it beat the numpy read at every memory size measured, 1.4-6x,
-see docs/efficiency.md; on CUDA unmeasured), else the numpy read of :mod:`app.propagation`.
+I/O binding (:mod:`app.binding`, ONNX Runtime only): where a GPU provider runs, the STCN
+features stay on the device from graph to graph (key encoder -> skip convolutions -> decoder;
+memory frames -> read), with ``io_binding="auto"``; ``on`` forces it on the CPU provider too,
+which is how the tests check it against the unbound path.
+
+Memory read: the bundle's ``stcn_read`` graph, or the numpy read of :mod:`app.propagation`,
+per device as :data:`MEMORY_READ` says (docs/efficiency.md, "Memory read"); the graph has
+``top_k`` baked in and runs when the memory holds at least that many entries, the numpy
+read below that and for bundles exported without the graph.
 
 The torch backend (for GPU measurements where ONNX Runtime's CUDA build is absent) lives in
 ``training/torch_backend.py`` and is registered from outside (``register_backend``): the appliance never imports it, so an image without
@@ -38,17 +44,23 @@ from typing import Any
 
 import numpy as np
 
+from .binding import ConcatCache, DeviceArray, DeviceContext
 from .bundle import Bundle
 from .errors import Flare22Error
-from .propagation import NumpyMemoryMixin
+from .propagation import read_memory
 
 log = logging.getLogger("flare22")
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 RUNTIMES = ("ort", "openvino")
-PRECISIONS = ("auto", "fp32", "int8")
+PRECISIONS = ("auto", "fp32", "int8", "bf16")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 DEFAULT_GPU_MEM_MB = 4096
+# The memory read each device takes by default where the bundle has the ``stcn_read`` graph
+# (docs/efficiency.md, "Memory read"). CPU: numpy, measured faster than the exported graph
+# (1.7-3x on the read, 1.10-1.24x per case). CUDA: the graph, which keeps the memory on the
+# device under I/O binding where the numpy read copies it to the host; bench/gpu.sh measures it.
+MEMORY_READ = {"cpu": "numpy", "cuda": "graph"}
 _state = {"preloaded": None, "warned": False}
 
 
@@ -165,7 +177,7 @@ class OrtGraph:
     runtime = "ort"
 
     def __init__(self, bundle: Bundle, name: str, providers: list[str], threads: int | None = None, fp16: bool = False,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", ctx: DeviceContext | None = None):
         import onnxruntime as ort
 
         spec = bundle.graph(name)
@@ -178,15 +190,22 @@ class OrtGraph:
         self.inputs = [i["name"] for i in spec["inputs"]]
         self.outputs = [o["name"] for o in spec["outputs"]]
         self.dtype = np.float16 if self.precision == "fp16" else np.float32
+        self.ctx = ctx
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        feed = {n: np.ascontiguousarray(a, dtype=self.dtype) for n, a in zip(self.inputs, arrays)}
-        outs = self.session.run(self.outputs, feed)
-        return [o.astype(np.float32, copy=False) for o in outs]
+    def __call__(self, *arrays) -> list:
+        """Named inputs -> outputs: float32 host arrays, or with a device context (I/O
+        binding) DeviceArrays left on the device, in the graph's own precision."""
+        if self.ctx is None:
+            feed = {n: np.ascontiguousarray(a, dtype=self.dtype) for n, a in zip(self.inputs, arrays)}
+            outs = self.session.run(self.outputs, feed)
+            return [o.astype(np.float32, copy=False) for o in outs]
+        feed = {n: a if isinstance(a, DeviceArray) else np.ascontiguousarray(a, dtype=self.dtype)
+                for n, a in zip(self.inputs, arrays)}
+        return self.ctx.run(self.session, feed, self.outputs)
 
 
 def openvino_core():
@@ -219,8 +238,13 @@ class OvGraph:
         core = openvino_core()
         spec = bundle.graph(name)
         rel, self.precision = graph_file(bundle, name, precision)
+        if precision == "bf16":
+            config.setdefault("inference_precision", "bf16")
+            self.precision = "bf16"
         self.name = name
         self.compiled = core.compile_model(core.read_model(str(bundle.file(rel))), "CPU", openvino_config(threads, **config))
+        if self.precision == "bf16" and "bf" not in str(self.compiled.get_property("INFERENCE_PRECISION_HINT")):
+            self.precision = "fp32"  # a CPU without bf16 arithmetic: OpenVINO computes in fp32, and so we say
         self.request = self.compiled.create_infer_request()
         self.inputs = [i["name"] for i in spec["inputs"]]
         self.outputs = [o["name"] for o in spec["outputs"]]
@@ -237,11 +261,12 @@ class OvGraph:
 
 
 def make_graph(bundle: Bundle, name: str, *, runtime: str = "ort", providers: list[str] | None = None,
-               threads: int | None = None, precision: str = "fp32"):
-    """A callable graph on the chosen runtime (``ort`` with ``providers``, or ``openvino``)."""
+               threads: int | None = None, precision: str = "fp32", ctx: DeviceContext | None = None):
+    """A callable graph on the chosen runtime (``ort`` with ``providers`` and, for I/O binding,
+    a device context; or ``openvino``)."""
     if runtime == "openvino":
         return OvGraph(bundle, name, threads, precision)
-    return OrtGraph(bundle, name, providers or ["CPUExecutionProvider"], threads, precision=precision)
+    return OrtGraph(bundle, name, providers or ["CPUExecutionProvider"], threads, precision=precision, ctx=ctx)
 
 
 class OrtReference:
@@ -257,30 +282,59 @@ class OrtReference:
         return dict(zip(self.graph.outputs, outs))
 
 
-class OrtStcnBackend(NumpyMemoryMixin):
+class OrtStcnBackend:
+    """The STCN stages as ONNX graphs. With a device context (I/O binding, :mod:`app.binding`)
+    features stay on the session's device from graph to graph; without one every call takes
+    and returns host arrays. Either way the same engine runs the same math: only where the
+    arrays live differs.
+
+    Memory read: the bundle's ``stcn_read`` graph (``memory_read="graph"``) when the memory
+    holds at least the graph's baked-in ``top_k`` entries and the run asks for that top_k,
+    else the numpy read of :mod:`app.propagation`."""
+
     def __init__(self, bundle: Bundle, providers: list[str], threads: int | None = None, *, runtime: str = "ort",
-                 precision: str = "fp32"):
+                 precision: str = "fp32", ctx: DeviceContext | None = None, memory_read: str = "numpy"):
         self.stride = bundle.stride
+        self.ctx = ctx
+        self._joins = ConcatCache(ctx) if ctx is not None else None
 
         def graph(name):
-            return make_graph(bundle, name, runtime=runtime, providers=providers, threads=threads, precision=precision)
+            return make_graph(bundle, name, runtime=runtime, providers=providers, threads=threads, precision=precision,
+                              ctx=ctx)
 
-        self.key = graph("stcn_key")
-        self.skip = graph("stcn_skip")
-        self.value = graph("stcn_value")
-        self.dec = graph("stcn_decode")
-        # the read graph where the bundle has one (faster than numpy on the CPU too)
-        self.read = None
-        self.read_top_k = 0
-        if "stcn_read" in bundle.manifest.get("graphs", {}):
+        self.key, self.skip, self.value, self.dec = map(graph, ("stcn_key", "stcn_skip", "stcn_value", "stcn_decode"))
+        self.read, self.read_top_k = None, 0
+        if memory_read == "graph":
+            spec = bundle.graph("stcn_read")
             self.read = graph("stcn_read")
-            self.read_top_k = int(bundle.manifest.get("propagation", {}).get("top_k", 0) or 0)
+            self.read_top_k = int(spec.get("top_k") or bundle.manifest.get("propagation", {}).get("top_k", 0) or 0)
+        elif memory_read != "numpy":
+            raise ValueError(f"memory_read must be 'graph' or 'numpy', not {memory_read!r}")
+
+    def to_device(self, array: np.ndarray):
+        if self.ctx is None:
+            return array
+        return self.ctx.upload(np.ascontiguousarray(array, dtype=self.key.dtype))
+
+    def to_host(self, x) -> np.ndarray:
+        if isinstance(x, DeviceArray):
+            return x.numpy().astype(np.float32, copy=False)
+        return np.asarray(x)
+
+    def concat(self, xs: list):
+        """Readouts of several organs joined along axis 0."""
+        return self.ctx.stack0(xs) if self.ctx is not None else np.concatenate(xs, axis=0)
+
+    def _join(self, xs: list, axis: int):
+        return self._joins.join(xs, axis) if self._joins is not None else np.concatenate(xs, axis=axis)
 
     def read_memory(self, mem_keys, mem_values, query_key, top_k):
         n = sum(k.shape[1] for k in mem_keys)
         if self.read is None or top_k != self.read_top_k or n < top_k:
-            return super().read_memory(mem_keys, mem_values, query_key, top_k)
-        return self.read(np.concatenate(mem_keys, axis=1), np.concatenate(mem_values, axis=2), query_key)[0]
+            host = self.to_host
+            return read_memory(np.concatenate([host(k) for k in mem_keys], axis=1),
+                               np.concatenate([host(v) for v in mem_values], axis=2), host(query_key), top_k)
+        return self.read(self._join(mem_keys, 1), self._join(mem_values, 2), query_key)[0]
 
     def encode_key(self, images):
         return dict(zip(("key", "qv", "f16", "f8", "f4"), self.key(images)))
@@ -310,9 +364,14 @@ def register_backend(name: str, loader) -> None:
 
 
 def load_backends(bundle: Bundle, *, backend: str = "onnx", device: str = "auto", threads: int | None = None,
-                  runtime: str = "ort", precision: str = "fp32") -> tuple[Any, Any, dict]:
+                  runtime: str = "ort", precision: str = "fp32", io_binding: str = "auto",
+                  memory_read: str = "auto") -> tuple[Any, Any, dict]:
     """(reference, stcn backend, info) for a bundle: ONNX Runtime or OpenVINO, or a registered
-    backend. ``info`` records what runs: runtime, providers and each graph's precision."""
+    backend. ``info`` records what runs: runtime, providers and each graph's precision.
+
+    ``io_binding`` (ONNX Runtime): ``auto`` (on where a GPU provider runs), ``on`` or ``off``.
+    ``memory_read``: ``auto`` (:data:`MEMORY_READ` for the device, when the bundle has the
+    graph), ``graph`` or ``numpy``."""
     if backend in EXTRA_BACKENDS:
         return EXTRA_BACKENDS[backend](bundle, device=device, threads=threads)
     if backend != "onnx":
@@ -326,6 +385,11 @@ def load_backends(bundle: Bundle, *, backend: str = "onnx", device: str = "auto"
     if precision == "int8" and not any(g.get("onnx_int8") for g in bundle.manifest["graphs"].values()):
         raise Flare22Error(f"model bundle {bundle.path} has no int8 graphs (flare22 quantize adds them); "
                            "use --precision fp32")
+    if precision == "bf16" and runtime != "openvino":
+        raise Flare22Error("--precision bf16 needs --runtime openvino")
+    if io_binding not in ("auto", "on", "off") or memory_read not in ("auto", "graph", "numpy"):
+        raise ValueError(f"io_binding must be auto|on|off and memory_read auto|graph|numpy, "
+                         f"not {io_binding!r} / {memory_read!r}")
     if runtime == "openvino":
         if device not in ("auto", "cpu"):
             raise Flare22Error(f"--runtime openvino runs on the CPU here; --device {device} needs --runtime ort")
@@ -334,17 +398,29 @@ def load_backends(bundle: Bundle, *, backend: str = "onnx", device: str = "auto"
     else:
         providers = providers_for(device)
     ref = OrtReference(bundle, providers, threads, runtime=runtime, precision=precision)
-    stcn = OrtStcnBackend(bundle, providers, threads, runtime=runtime, precision=precision)
     actual = ref.graph.providers  # what the session really runs, not what is installed
+    on_gpu = actual[0] in GPU_PROVIDERS
+    has_read = "stcn_read" in bundle.manifest.get("graphs", {})
+    if memory_read == "auto":
+        memory_read = MEMORY_READ["cuda" if on_gpu else "cpu"] if has_read else "numpy"
+    elif memory_read == "graph" and not has_read:
+        raise ValueError("memory_read='graph' but the bundle has no stcn_read graph (export it again)")
+    ctx = None
+    if runtime == "ort" and (io_binding == "on" or (io_binding == "auto" and on_gpu)):
+        helpers = [p for p in actual if p != "TensorrtExecutionProvider"]  # no engine build for a Slice
+        ctx = DeviceContext(session_providers(helpers), "cuda" if on_gpu else "cpu", 0, threads)
+    stcn = OrtStcnBackend(bundle, providers, threads, runtime=runtime, precision=precision, ctx=ctx,
+                          memory_read=memory_read)
     info = {"backend": "onnxruntime" if runtime == "ort" else "openvino", "runtime": runtime,
             "requested_providers": providers, "providers": actual,
             "precision": {g.name: g.precision for g in (ref.graph, *stcn.graphs())},
-            "cuda_preloaded": bool(_state["preloaded"]), "memory_read": "onnx" if stcn.read is not None else "numpy"}
+            "cuda_preloaded": bool(_state["preloaded"]), "memory_read": "onnx" if stcn.read is not None else "numpy",
+            "io_binding": ctx is not None}
     if runtime == "openvino":
         import openvino
 
         info["openvino"] = openvino.__version__
-    if actual[0] in GPU_PROVIDERS:
+    if on_gpu:
         info["gpu_mem_limit_mb"] = gpu_mem_limit_bytes() // 2**20
     log.info("%s providers: %s", "ONNX Runtime" if runtime == "ort" else "OpenVINO", ", ".join(actual))
     if providers[0] != actual[0] and not _state["warned"]:

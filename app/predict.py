@@ -139,7 +139,9 @@ class PredictOptions:
     backend: str = "onnx"
     threads: int | None = None
     runtime: str = "ort"  # ort (ONNX Runtime) or openvino (CPU)
-    precision: str = "auto"  # fp32, int8 or auto (the bundle's int8 graphs where it has them)
+    precision: str = "auto"  # fp32, int8, bf16 (openvino) or auto (the bundle's int8 graphs where it has them)
+    io_binding: str = "auto"  # auto (on where a GPU provider runs), on, off: features kept on the device
+    memory_read: str = "auto"  # auto (per device, app.backends.MEMORY_READ), graph (stcn_read) or numpy
     propagation: dict = field(default_factory=dict)  # overrides of the bundle's settings (and every / max)
     uncertainty: bool = False  # also return a per-voxel uncertainty map (see Predictor)
 
@@ -169,7 +171,8 @@ class Predictor:
     def _load(self, device: str) -> None:
         self.reference, self.stcn, self.info = load_backends(
             self.bundle, backend=self.opt.backend, device=device, threads=self.opt.threads,
-            runtime=self.opt.runtime, precision=self.opt.precision,
+            runtime=self.opt.runtime, precision=self.opt.precision, io_binding=self.opt.io_binding,
+            memory_read=self.opt.memory_read,
         )
         self.device = device
 
@@ -695,7 +698,14 @@ def add_arguments(p) -> None:
     p.add_argument("--runtime", choices=RUNTIMES, default="ort",
                    help="ort: ONNX Runtime (default); openvino: OpenVINO on the CPU (the optional openvino extra)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto (default): the bundle's int8 graphs where `flare22 quantize` made them, else fp32")
+                   help="auto (default): the bundle's int8 graphs where `flare22 quantize` made them, else fp32; "
+                        "bf16: fp32 graphs computed in bfloat16 (--runtime openvino, CPUs with AVX-512 BF16 / AMX)")
+    p.add_argument("--io-binding", choices=("auto", "on", "off"), default="auto",
+                   help="ONNX Runtime I/O binding, STCN features kept on the device between graphs "
+                        "(auto, the default: on where a GPU provider runs)")
+    p.add_argument("--memory-read", choices=("auto", "graph", "numpy"), default="auto",
+                   help="STCN memory read: the bundle's stcn_read graph or numpy (auto, the default: numpy on "
+                        "the CPU, the graph on CUDA)")
     p.add_argument("--threads", type=positive_int, help="intra-op threads of the runtime (default: all cores)")
     p.add_argument("--batch", type=positive_int, default=8, help="slices per reference / key-encoder call")
     p.add_argument("--published-propagation", action="store_true",
@@ -712,7 +722,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     mode = "published" if args.published_propagation else args.mode
     opts = PredictOptions(batch=args.batch, mode=mode, device=args.device, backend=args.backend,
-                          threads=args.threads, runtime=args.runtime, precision=args.precision, propagation=dict(args.propagation_option),
+                          threads=args.threads, runtime=args.runtime, precision=args.precision, io_binding=args.io_binding,
+                          memory_read=args.memory_read, propagation=dict(args.propagation_option),
                           uncertainty=args.uncertainty)
     t0 = time.perf_counter()
     try:

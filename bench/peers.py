@@ -133,7 +133,7 @@ def winner_plans(threads: int = 2) -> tuple[dict, dict]:
                 "dropout_op": None,
                 "dropout_op_kwargs": None,
                 "nonlin": "torch.nn.LeakyReLU",
-                "nonlin_kwargs": {"inplace": True},
+                "nonlin_kwargs": {"negative_slope": 0.01, "inplace": True},
             },
             "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
         },
@@ -179,12 +179,13 @@ def winner_tile_bound(shape_zyx, patch=WINNER["patch_size"], step: float = WINNE
     return (math.ceil((z - patch[0]) / (patch[0] * step)) + 1) * 9
 
 
-def ratio_rows(results: list[dict], ours: tuple[str, ...], peers: tuple[str, ...]) -> list[dict]:
+def ratio_rows(results: list[dict], ours: tuple[str, ...], peers: tuple[str, ...], key: str = "seconds") -> list[dict]:
     """Our time / the peer's time for each case both ran, then the median over cases.
 
-    ``results``: one dict per (case, contender) with "case", "contender" and "seconds"
-    (None where the run failed). Pairs come from the same case of the same run only."""
-    by = {(r["case"], r["contender"]): r.get("seconds") for r in results}
+    ``results``: one dict per (case, contender) with "case", "contender" and ``key``
+    ("seconds": wall; "cpu_s": the process's CPU time, all threads; None where the run
+    failed). Pairs come from the same case of the same run only."""
+    by = {(r["case"], r["contender"]): r.get(key) for r in results}
     cases = sorted({r["case"] for r in results})
     rows = []
     for o in ours:
@@ -196,13 +197,34 @@ def ratio_rows(results: list[dict], ours: tuple[str, ...], peers: tuple[str, ...
     return rows
 
 
+OUR_RUNTIMES = ("ort", "openvino")
+OUR_PRECISIONS = ("fp32", "int8", "bf16")  # app.backends.PRECISIONS less "auto"
+
+
+def ours_spec(value: str) -> dict:
+    """``SIZE[/RUNTIME[/PRECISION]]`` (tiny or paper; ort or openvino; fp32, int8 or bf16) -> a
+    contender: ``paper`` is ONNX Runtime fp32, ``paper/openvino/int8`` OpenVINO on int8 graphs."""
+    parts = value.split("/")
+    size, runtime, precision = parts + ["ort", "fp32"][len(parts) - 1:] if len(parts) <= 3 else (None, None, None)
+    if size not in ("tiny", "paper") or runtime not in OUR_RUNTIMES or precision not in OUR_PRECISIONS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give SIZE[/RUNTIME[/PRECISION]] with SIZE tiny|paper, RUNTIME {'|'.join(OUR_RUNTIMES)}, "
+            f"PRECISION {'|'.join(OUR_PRECISIONS)}")
+    name = "-".join(["ours", size] + ([runtime] if runtime != "ort" or precision != "fp32" else [])
+                    + ([precision] if precision != "fp32" else []))
+    return {"name": name, "kind": "ours", "bundle": size, "runtime": runtime, "precision": precision}
+
+
 def contenders(args) -> list[dict]:
     """What runs, in the base order of each case."""
     out = [{"name": "nnunet", "kind": "nnunet", "mirror": False}]
     if args.mirror:
         out.append({"name": "nnunet-mirror", "kind": "nnunet", "mirror": True})
-    for size in args.ours:
-        out.append({"name": f"ours-{size}", "kind": "ours", "bundle": size})
+    names = set()
+    for spec in args.ours:
+        if spec["name"] not in names:
+            names.add(spec["name"])
+            out.append(spec)
     return out
 
 
@@ -223,11 +245,14 @@ def parser() -> argparse.ArgumentParser:
                    help="voxel spacing in mm (default 0.8 0.8 2.5)")
     p.add_argument("--cases", type=positive_int, default=1, help="phantom cases (default 1)")
     p.add_argument("--seed", type=nonneg_int, default=8000, help="first phantom seed (default 8000)")
+    p.add_argument("--order-offset", type=nonneg_int, default=0,
+                   help="rotate the contenders' order by this much (case i runs them rotated by offset + i)")
     p.add_argument("--threads", type=positive_int, default=2, help="threads for every contender: 1 or 2 (default 2)")
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                    help="also run nnU-Net with mirroring (default on)")
-    p.add_argument("--ours", nargs="*", default=["tiny", "paper"], choices=("tiny", "paper"),
-                   help="our bundles to run (default tiny paper)")
+    p.add_argument("--ours", nargs="*", type=ours_spec, default=[ours_spec("tiny"), ours_spec("paper")],
+                   metavar="SIZE[/RUNTIME[/PRECISION]]",
+                   help="our contenders (default: tiny paper, i.e. ONNX Runtime fp32); e.g. paper/openvino")
     p.add_argument("--tiny-bundle", type=Path, default=None, help="a tiny bundle (default: random, exported)")
     p.add_argument("--paper-bundle", type=Path, default=None, help="a paper-size bundle (default: random, exported)")
     p.add_argument("--peer-python", type=Path, default=ROOT / ".venv-peers" / "bin" / "python",
@@ -240,6 +265,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--case", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--bundle", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--pred-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--runtime", choices=OUR_RUNTIMES, default="ort", help=argparse.SUPPRESS)
+    p.add_argument("--precision", choices=OUR_PRECISIONS, default="fp32", help=argparse.SUPPRESS)
     return p
 
 
@@ -285,7 +312,7 @@ def worker_nnunet(case: Path, pred_dir: Path, threads: int, mirror: bool) -> dic
     load_s = time.perf_counter() - t_load
 
     io = SimpleITKIO()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     image, props = io.read_images([str(case)])
     t_read = time.perf_counter() - t0
     ppa = PreprocessAdapterFromNpy([image], [None], [props], [None], pm, dataset, cm,
@@ -307,15 +334,16 @@ def worker_nnunet(case: Path, pred_dir: Path, threads: int, mirror: bool) -> dic
     t1 = time.perf_counter()
     io.write_seg(seg, str(pred_dir / f"{_case_id(case)}.nii.gz"), props)
     t_write = time.perf_counter() - t1
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "load_s": load_s, "params": params, "grid": list(grid), "tiles": tiles,
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu_s": cpu_s, "load_s": load_s, "params": params, "grid": list(grid), "tiles": tiles,
             "passes_per_tile": 8 if mirror else 1,
             "stages": {"read": t_read, "preprocess": t_pre, "sliding_window": t_net, "resample_back": t_back,
                        "write": t_write},
             "torch": torch.__version__, "threads": torch.get_num_threads(), "foreground": float((seg > 0).mean())}
 
 
-def worker_ours(case: Path, pred_dir: Path, threads: int, bundle_dir: Path) -> dict:
+def worker_ours(case: Path, pred_dir: Path, threads: int, bundle_dir: Path, runtime: str = "ort",
+                precision: str = "fp32") -> dict:
     """One case through the appliance: read, predict, write."""
     t_load = time.perf_counter()
     from app.bundle import load_bundle
@@ -323,9 +351,14 @@ def worker_ours(case: Path, pred_dir: Path, threads: int, bundle_dir: Path) -> d
     from app.predict import PredictOptions, Predictor
 
     bundle = load_bundle(bundle_dir)
-    predictor = Predictor(bundle, PredictOptions(device="cpu", threads=threads))
+    extra = {}
+    if "precision" in PredictOptions.__dataclass_fields__:  # the appliance's runtime choice (issue 18)
+        extra = {"runtime": runtime, "precision": precision}
+    elif (runtime, precision) != ("ort", "fp32"):
+        raise SystemExit(f"this checkout's appliance has no runtime choice: {runtime}/{precision} cannot run")
+    predictor = Predictor(bundle, PredictOptions(device="cpu", threads=threads, **extra))
     load_s = time.perf_counter() - t_load
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     volume, props = read_ct(case)
     t_read = time.perf_counter() - t0
     labels, report = predictor.predict_volume(volume)
@@ -333,11 +366,12 @@ def worker_ours(case: Path, pred_dir: Path, threads: int, bundle_dir: Path) -> d
     t1 = time.perf_counter()
     write_labels(labels, props, pred_dir / f"{_case_id(case)}.nii.gz")
     t_write = time.perf_counter() - t1
-    seconds = time.perf_counter() - t0
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     stages = {"read": t_read, **{k: float(v) for k, v in report.get("timings", {}).items()}, "write": t_write}
-    return {"seconds": seconds, "load_s": load_s, "predict_s": t_pred, "stages": stages, "mode": report["mode"],
+    return {"seconds": seconds, "cpu_s": cpu_s, "load_s": load_s, "predict_s": t_pred, "stages": stages, "mode": report["mode"],
             "providers": predictor.info.get("providers") if isinstance(predictor.info, dict) else None,
-            "sampled": len(report.get("sampled", [])), "foreground": float((labels > 0).mean())}
+            "sampled": len(report.get("sampled", [])), "foreground": float((labels > 0).mean()),
+            "runtime": predictor.info.get("runtime", "ort"), "precision": predictor.info.get("precision", "fp32")}
 
 
 def _case_id(path: Path) -> str:
@@ -349,7 +383,7 @@ def run_worker(args) -> int:
     if args.worker == "nnunet":
         res = worker_nnunet(args.case, args.pred_dir, args.threads, args.mirror)
     else:
-        res = worker_ours(args.case, args.pred_dir, args.threads, args.bundle)
+        res = worker_ours(args.case, args.pred_dir, args.threads, args.bundle, args.runtime, args.precision)
     res["peak_rss_mb"] = _peak_rss_mb()
     print(RESULT_TAG + json.dumps(res), flush=True)
     return 0
@@ -406,7 +440,7 @@ def run_one(c: dict, case: Path, args, bundles: dict[str, Path]) -> dict:
     if c["kind"] == "nnunet":
         cmd.append("--mirror" if c["mirror"] else "--no-mirror")
     else:
-        cmd += ["--bundle", str(bundles[c["bundle"]])]
+        cmd += ["--bundle", str(bundles[c["bundle"]]), "--runtime", c["runtime"], "--precision", c["precision"]]
     env = {**os.environ, **{v: str(args.threads) for v in THREAD_VARS}, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     try:
@@ -427,8 +461,10 @@ def table(results: list[dict], names: list[str]) -> list[dict]:
         mine = [r for r in results if r["contender"] == n]
         secs = [r["seconds"] for r in mine if r.get("seconds")]
         rss = [r["peak_rss_mb"] for r in mine if r.get("peak_rss_mb")]
+        cpu = [r["cpu_s"] for r in mine if r.get("cpu_s")]
         rows.append({"contender": n, "runs": len(mine), "ok": len(secs),
                      "median_s": statistics.median(secs) if secs else None,
+                     "median_cpu_s": statistics.median(cpu) if cpu else None,
                      "peak_rss_mb": max(rss) if rss else None,
                      "load_s": statistics.median([r["load_s"] for r in mine if r.get("load_s")] or [0])})
     return rows
@@ -446,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peers: {why}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    bundles = {s: prepare_bundle(s, getattr(args, f"{s}_bundle"), args.out) for s in args.ours}
+    sizes = sorted({c["bundle"] for c in cs if c["kind"] == "ours"})
+    bundles = {s: prepare_bundle(s, getattr(args, f"{s}_bundle"), args.out) for s in sizes}
     cases = prepare_cases(args)
     spacing_zyx = (args.spacing[2], args.spacing[1], args.spacing[0])
     shape = (args.slices, args.in_plane, args.in_plane)
@@ -458,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     results = []
     for i, case in enumerate(cases):
-        order = cs[i % len(cs):] + cs[: i % len(cs)]
+        k = (args.order_offset + i) % len(cs)
+        order = cs[k:] + cs[:k]
         for c in order:
             res = run_one(c, case, args, bundles)
             res.update(case=_case_id(case), contender=c["name"])
@@ -469,17 +507,21 @@ def main(argv: list[str] | None = None) -> int:
     names = [c["name"] for c in cs]
     rows = table(results, names)
     peers = tuple(n for n in names if n.startswith("nnunet"))
-    ratios = ratio_rows(results, tuple(n for n in names if n.startswith("ours")), peers)
+    ours_names = tuple(n for n in names if n.startswith("ours"))
+    ratios = ratio_rows(results, ours_names, peers)
+    cpu_ratios = ratio_rows(results, ours_names, peers, key="cpu_s")
     print(f"\n1-min load average {load_before:.2f} before, {load_after:.2f} after, {os.cpu_count()} cores")
-    print(f"{'contender':<14} {'s per case':>10} {'peak RSS MB':>11} {'load s':>7}  runs")
+    print(f"{'contender':<14} {'s per case':>10} {'CPU s':>7} {'peak RSS MB':>11} {'load s':>7}  runs")
     for r in rows:
         s = f"{r['median_s']:.1f}" if r["median_s"] else "-"
+        c = f"{r['median_cpu_s']:.1f}" if r["median_cpu_s"] else "-"
         m = f"{r['peak_rss_mb']:,.0f}" if r["peak_rss_mb"] else "-"
-        print(f"{r['contender']:<14} {s:>10} {m:>11} {r['load_s']:>7.1f}  {r['ok']}/{r['runs']}")
-    print(f"\n{'ours / peer':<28} {'median':>7}  per case")
-    for r in ratios:
+        print(f"{r['contender']:<14} {s:>10} {c:>7} {m:>11} {r['load_s']:>7.1f}  {r['ok']}/{r['runs']}")
+    print(f"\n{'ours / peer':<28} {'time':>6} {'CPU':>6}  time per case")
+    for r, c in zip(ratios, cpu_ratios):
         med = f"{r['median']:.2f}" if r["median"] is not None else "-"
-        print(f"{r['ours'] + ' / ' + r['peer']:<28} {med:>7}  {', '.join(f'{v:.2f}' for v in r['per_case'])}")
+        cmed = f"{c['median']:.2f}" if c["median"] is not None else "-"
+        print(f"{r['ours'] + ' / ' + r['peer']:<28} {med:>6} {cmed:>6}  {', '.join(f'{v:.2f}' for v in r['per_case'])}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"slices": args.slices, "in_plane": args.in_plane, "spacing_xyz": list(args.spacing),
@@ -487,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tiles": tile_count(grid), "winner_tile_bound": winner_tile_bound(grid),
                 "load_before": load_before, "load_after": load_after, "cpu_count": os.cpu_count(),
                 "bundles": {k: str(v) for k, v in bundles.items()}, "winner": WINNER, "sources": SOURCES}
-        args.json.write_text(json.dumps({"meta": meta, "results": results, "table": rows, "ratios": ratios},
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "table": rows, "ratios": ratios,
+                                         "cpu_ratios": cpu_ratios},
                                         indent=2, default=list))
     return 0 if all(r.get("seconds") for r in results) else 1
 

@@ -126,7 +126,7 @@ def make_variant(variant: str, bundle: Bundle, name: str, threads: int):
         return _OrtCall(path, outputs, so, providers)
     try:
         if variant == "openvino-bf16":
-            return _OvCall(OvGraph(bundle, name, threads, "fp32", inference_precision="bf16"))
+            return _OvCall(OvGraph(bundle, name, threads, "bf16"))
         return _OvCall(OvGraph(bundle, name, threads, "int8" if int8 else "fp32"))
     except RuntimeMissing as exc:
         raise Skip(str(exc)) from None

@@ -123,8 +123,9 @@ def _variants(args) -> list[tuple[str, PredictOptions]]:
     for runtime, precision in runtimes:
         name = "full" if (runtime, precision) == ("ort", "fp32") else f"full {runtime} {precision}"
         v.append((name, PredictOptions(mode=args.mode, runtime=runtime, precision=precision, **base)))
-    if not getattr(args, "no_dense", False):
-        v.append(("dense", PredictOptions(mode="dense", **base)))
+    if not getattr(args, "no_dense", False):  # on the first runtime given
+        runtime, precision = runtimes[0]
+        v.append(("dense", PredictOptions(mode="dense", runtime=runtime, precision=precision, **base)))
     if args.torch:
         v.append(("full-torch", PredictOptions(mode=args.mode, backend="torch", **base)))
         v.append(("dense-torch", PredictOptions(mode="dense", backend="torch", **base)))
@@ -252,7 +253,7 @@ def add_arguments(p) -> None:
     p.add_argument("--runtimes", nargs="+", type=runtime_choice, metavar="RUNTIME:PRECISION",
                    help="the full pipeline once per runtime and precision, in one run (default ort:fp32); "
                         "e.g. ort:fp32 openvino:int8")
-    p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense baseline (else run on the first --runtimes)")
     p.add_argument("--warmup", action="store_true", help="run every variant once on a small blank volume first")
     p.add_argument("--torch", action="store_true", help="also run the torch (eager) backend")
     p.add_argument("--ablation", action="store_true", help="published propagation and each cost switch (smallest N)")

@@ -274,7 +274,7 @@ def _export_into(out: Path, final: Path, *, reference, propagation, ref_config, 
     for name, module in modules(a, b, net).items():
         graph = GRAPHS[name]
         example = graph.sample(dims, rng, graph.example)
-        g = graph.manifest_entry(dims)
+        g = graph.manifest_entry(dims) | graph.baked(net)
         export_onnx(graph, module, example, dims, out / g["onnx"])
         parity.append(check_parity(graph, module, out / g["onnx"], dims, seed + 1))
         if fp16 and to_fp16(out / g["onnx"], out / f"{name}.fp16.onnx"):

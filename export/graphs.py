@@ -12,10 +12,14 @@ stcn_key       image (B,3,H,W)                              key, query_value, f1
 stcn_skip      f8 (B,C8,2h,2w), f4 (B,C4,4h,4w)             s8, s4
 stcn_value     image, f16, masks (O,..), others (O,..)      values (O,Cv,hc,wc)  [crops: any hc, wc]
 stcn_decode    readout (O,..), query_value, s8, s4          logits (O,1,Hc,Wc)   [crops: any size]
+stcn_read      mem_keys (Ck,N), mem_values (O,Cv,N),        readout (O,Cv,P)     [top_k baked in,
+               query_key (Ck,P)                                                   needs N >= top_k]
 =============  ===========================================  =================================
 
-The STCN memory read is not a graph: the appliance reads memory in numpy
-(``app.propagation.read_memory``), checked against the network's torch read at export.
+The memory read exists twice on purpose, each checked against the network's torch read at
+export: the ``stcn_read`` graph (which keeps the memory on the device under I/O binding) and
+the appliance's numpy read (``app.propagation.read_memory``, for memories shorter than top_k
+and where it is faster); ``app.backends.MEMORY_READ`` picks one per device.
 """
 from __future__ import annotations
 
@@ -30,6 +34,10 @@ from training.models.reference import ReferencePair
 from training.models.stcn import STCN, build_stcn
 
 STRIDE = 16
+# The form of topk_read the stcn_read graph is exported in: "gather" (work O*Cv*k*P, whatever
+# the memory's length N; the torch GPU backend's form) rather than "dense" (O*Cv*N*P through an
+# N x P matrix), which only pays for short memories; both measured in docs/efficiency.md.
+READ_METHOD = "gather"
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,19 @@ class Case:
 
     def to_json(self) -> dict:
         return {"b": self.b, "o": self.o, "cells": list(self.cells)}
+
+
+class Read(nn.Module):
+    """The STCN memory read with the network's top_k baked in: keys (Ck,N), values (O,Cv,N),
+    query (Ck,P) -> readout (O,Cv,P), in the form READ_METHOD names."""
+
+    def __init__(self, net: STCN):
+        super().__init__()
+        self.net, self.top_k = net, net.cfg.top_k
+        self.train(net.training)
+
+    def forward(self, mem_keys: torch.Tensor, mem_values: torch.Tensor, query_key: torch.Tensor):
+        return self.net.read_memory(mem_keys, mem_values, query_key, top_k=self.top_k, method=READ_METHOD)
 
 
 class Stage(nn.Module):
@@ -82,6 +103,8 @@ class Graph:
     parity: tuple[Case, ...]
     cost_unit: str  # what the appliance counts calls in: slices, feature cells or organ x cells
     example: Case = field(default_factory=Case)  # the sizes export traces and counts MACs at
+    # settings baked into the graph, recorded in its manifest entry: (stcn) -> dict
+    baked: Callable[[STCN], dict] = field(default=lambda net: {})
 
     def __post_init__(self):
         if self.cost_unit not in COST_UNITS:
@@ -175,6 +198,20 @@ GRAPHS: dict[str, Graph] = {g.name: g for g in (
                                 _normal(r, 1, d.ch["s4"], 4 * c.cells[0], 4 * c.cells[1])],
         parity=(Case(o=1, cells=(4, 4)), Case(o=3, cells=(5, 7))),
         cost_unit="organ_cell",
+    ),
+    Graph(
+        "stcn_read",
+        module=lambda a, b, net: Read(net),
+        inputs=lambda d: [("mem_keys", [d.ch["ck"], "N"]), ("mem_values", ["O", d.ch["cv"], "N"]),
+                          ("query_key", [d.ch["ck"], "P"])],
+        outputs=lambda d: [("readout", ["O", d.ch["cv"], "P"])],
+        # memory: 4 frames of the case's grid (N >= top_k = 20 from 4 x 4 cells); query: one grid
+        sample=lambda d, r, c: [_normal(r, d.ch["ck"], 4 * c.cells[0] * c.cells[1]),
+                                _normal(r, c.o, d.ch["cv"], 4 * c.cells[0] * c.cells[1]),
+                                _normal(r, d.ch["ck"], c.cells[0] * c.cells[1])],
+        parity=(Case(o=1, cells=(4, 4)), Case(o=3, cells=(5, 7))),
+        cost_unit="organ_cell",
+        baked=lambda net: {"top_k": net.cfg.top_k},
     ),
 )}
 

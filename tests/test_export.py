@@ -78,7 +78,8 @@ def test_parity_table_every_row_ok(manifest):
 
 
 def test_graph_inputs_and_outputs_match_manifest(tiny_bundle, manifest):
-    assert list(manifest["graphs"]) == list(GRAPHS)  # the table's graphs, in its order; no stcn_read
+    assert list(manifest["graphs"]) == list(GRAPHS)  # the table's graphs, in its order
+    assert manifest["graphs"]["stcn_read"]["top_k"] == 20  # baked into the read graph, recorded
     for name, g in manifest["graphs"].items():
         sess = _session(tiny_bundle, g["onnx"])
         inputs = sess.get_inputs()
@@ -124,6 +125,7 @@ def test_table_shapes_follow_the_sizes(manifest, networks):
         sizes = {"B": case.b, "O": case.o, "hc": case.cells[0], "wc": case.cells[1]}
         sizes.update({"Hc": 16 * sizes["hc"], "Wc": 16 * sizes["wc"], "h8": 2 * sizes["hc"], "w8": 2 * sizes["wc"],
                       "h4": 4 * sizes["hc"], "w4": 4 * sizes["wc"]})
+        sizes.update({"N": 4 * sizes["hc"] * sizes["wc"], "P": sizes["hc"] * sizes["wc"]})  # stcn_read
         assert [x.shape for x in xs] == [_shape(s, sizes) for _, s in graph.inputs(dims)], name
         with torch.no_grad():
             outs = mods[name](*map(torch.from_numpy, xs))

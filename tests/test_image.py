@@ -71,9 +71,12 @@ def test_cuda_options_grow_by_request_under_a_cap(monkeypatch):
 
 def test_memory_read_takes_the_bundle_graph_only_when_memory_is_large_enough(tiny_bundle, fresh_state):
     bundle = load_bundle(tiny_bundle)
+    assert "stcn_read" in bundle.manifest["graphs"]
     _, stcn, info = backends.load_backends(bundle, device="cpu", threads=1)
-    has_graph = "stcn_read" in bundle.manifest["graphs"]
-    assert info["memory_read"] == ("onnx" if has_graph else "numpy")
+    assert info["memory_read"] == {"numpy": "numpy", "graph": "onnx"}[backends.MEMORY_READ["cpu"]]
+    _, _, info = backends.load_backends(bundle, device="cpu", threads=1, memory_read="graph")
+    assert info["memory_read"] == "onnx"
+    _, stcn, _ = backends.load_backends(bundle, device="cpu", threads=1, memory_read="numpy")
     # the dispatch, with a stand-in graph: used from top_k memory entries on, numpy below
     calls = []
 
@@ -146,3 +149,38 @@ def test_image_scripts_are_valid_shell():
         proc = subprocess.run([shell, "-n", str(REPO / script)], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, (script, proc.stderr)
     assert "umask 022" in (REPO / "docker" / "predict.sh").read_text()  # outputs 0644 whatever the engine's umask
+
+
+# ---------------------------------------------------------------------------------------
+# The prepared GPU script, dry-run on the CPU
+# ---------------------------------------------------------------------------------------
+
+
+def test_gpu_script_dry_runs_on_the_cpu(tiny_bundle, tmp_path):
+    """``bash bench/gpu.sh --cpu-check``: the GPU machine's steps at tiny sizes on the CPU
+    provider, with a carried bundle (GPU_BUNDLE) and no real CTs, writing its JSON."""
+    import json
+    import sys
+
+    import onnxruntime as ort
+
+    env = dict(os.environ, OUT=str(tmp_path), GPU_BUNDLE=str(tiny_bundle), FLARE22_CASES=str(tmp_path / "absent"),
+               PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--cpu-check"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    machine = json.loads((tmp_path / "env.json").read_text())
+    assert machine["packages"]["onnxruntime"] == ort.__version__
+    res = json.loads((tmp_path / "ort-phantom" / "io_binding.json").read_text())
+    assert res["io_binding"] == {"unbound, numpy read": False, "unbound, graph read": False,
+                                 "bound, numpy read": True, "bound, graph read": True}
+    assert res["memory_read"]["bound, graph read"] == "onnx" and res["memory_read"]["bound, numpy read"] == "numpy"
+    assert set(map(tuple, res["providers"].values())) == {("CPUExecutionProvider",)}
+    [case] = res["cases"]
+    assert case["bound_equals_unbound"] == {"numpy": True, "graph": True}
+    assert all(v["median_s"] > 0 for v in case["variants"].values())
+    assert json.loads((tmp_path / "torch" / "gpu.json").read_text())["config"] == "tiny"
+    steps = (tmp_path / "steps.txt").read_text()
+    assert "ort-phantom rc=0" in steps and "torch rc=0" in steps and "ort-real-cts" not in steps
+    alone = json.loads((tmp_path / "ort-memory" / "io_binding.json").read_text())
+    assert list(alone["cases"][0]["variants"]) == ["bound, graph read"]

@@ -2,6 +2,7 @@
 arithmetic, the ratio table and the argument checks. Nothing here is timed."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ def test_plans_are_the_winners_small_network():
     assert arch["kernel_sizes"][0] == [1, 3, 3] and all(k == [3, 3, 3] for k in arch["kernel_sizes"][1:])
     assert arch["strides"][0] == [1, 1, 1]  # the first stage does not downsample
     assert len(arch["n_conv_per_stage_decoder"]) == arch["n_stages"] - 1
+    assert arch["nonlin_kwargs"]["negative_slope"] == 0.01 and arch["norm_op_kwargs"]["affine"] is True
     # the patch is divisible by the total downsampling on every axis, as nnU-Net requires
     for axis, size in enumerate(cfg["patch_size"]):
         factor = 1
@@ -74,10 +76,23 @@ def test_ratio_rows_pair_the_same_case_only():
     assert empty["per_case"] == [] and empty["median"] is None
 
 
+def test_our_contender_specs():
+    assert peers.ours_spec("paper") == {"name": "ours-paper", "kind": "ours", "bundle": "paper",
+                                        "runtime": "ort", "precision": "fp32"}
+    assert peers.ours_spec("paper/openvino")["name"] == "ours-paper-openvino"
+    assert peers.ours_spec("tiny/ort/int8")["name"] == "ours-tiny-ort-int8"
+    assert peers.ours_spec("tiny/openvino/int8")["precision"] == "int8"
+    assert peers.ours_spec("paper/openvino/bf16")["name"] == "ours-paper-openvino-bf16"
+    for bad in ("huge", "paper/tensorrt", "paper/ort/fp16", "paper/ort/fp32/x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            peers.ours_spec(bad)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--threads", "3"], "--threads must be 1 or 2"),
     (["--slices", "4"], "--slices must be at least 8"),
     (["--threads", "0"], "must be at least 1"),
+    (["--ours", "paper/tensorrt"], "SIZE[/RUNTIME[/PRECISION]]"),
 ])
 def test_bad_arguments_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

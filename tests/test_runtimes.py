@@ -105,6 +105,13 @@ def test_openvino_matches_onnxruntime_fp32(tiny_bundle):
     assert np.abs(outs[0] - outs[1]).max() < 1e-3
 
 
+@needs_openvino
+def test_openvino_bf16_runs_and_is_recorded(tiny_bundle, phantom_cases, tmp_path):
+    reports = predict(phantom_cases, tmp_path / "out", tiny_bundle, runtime="openvino", precision="bf16")
+    backend = next(iter(reports.values()))["backend"]
+    assert set(backend["precision"].values()) == {"bf16"}
+
+
 def run_cli(*args, code_prefix: str = "") -> subprocess.CompletedProcess:
     code = code_prefix + "import sys, flare22.cli; sys.exit(flare22.cli.main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
@@ -127,6 +134,12 @@ def test_int8_asked_of_an_fp32_bundle_is_one_line(tiny_bundle, phantom_cases, tm
                 "--threads", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "has no int8 graphs" in r.stderr.strip().splitlines()[-1]
+
+
+def test_bf16_on_onnxruntime_is_one_line(tiny_bundle, phantom_cases, tmp_path):
+    r = run_cli("predict", "-i", phantom_cases, "-o", tmp_path / "out", "--bundle", tiny_bundle, "--precision", "bf16")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "flare22 predict: --precision bf16 needs --runtime openvino"
 
 
 def test_unknown_runtime_is_a_usage_error(tiny_bundle, phantom_cases, tmp_path):

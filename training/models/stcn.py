@@ -255,7 +255,8 @@ def topk_read(
     weights = top_values.softmax(dim=-2).to(mem_values.dtype)
     if method == "dense":
         dense = torch.zeros_like(affinity, dtype=mem_values.dtype).scatter(-2, top_index, weights)  # (..., N, P)
-        return (mem_values.flatten(-3, -2) @ dense).unflatten(-2, mem_values.shape[-3:-1])
+        out = mem_values.flatten(-3, -2) @ dense  # (..., O*Cv, P); reshape keeps O symbolic in a traced graph
+        return out.reshape(*mem_values.shape[:-1], out.shape[-1])
     if method == "gather":
         if mem_values.dim() != 3:
             raise ValueError("read method 'gather' takes one memory: mem_values (O, Cv, N)")
