@@ -198,11 +198,11 @@ def ratio_rows(results: list[dict], ours: tuple[str, ...], peers: tuple[str, ...
 
 
 OUR_RUNTIMES = ("ort", "openvino")
-OUR_PRECISIONS = ("fp32", "int8")
+OUR_PRECISIONS = ("fp32", "int8", "bf16")  # app.backends.PRECISIONS less "auto"
 
 
 def ours_spec(value: str) -> dict:
-    """``SIZE[/RUNTIME[/PRECISION]]`` (tiny or paper; ort or openvino; fp32 or int8) -> a
+    """``SIZE[/RUNTIME[/PRECISION]]`` (tiny or paper; ort or openvino; fp32, int8 or bf16) -> a
     contender: ``paper`` is ONNX Runtime fp32, ``paper/openvino/int8`` OpenVINO on int8 graphs."""
     parts = value.split("/")
     size, runtime, precision = parts + ["ort", "fp32"][len(parts) - 1:] if len(parts) <= 3 else (None, None, None)

@@ -82,6 +82,7 @@ def test_our_contender_specs():
     assert peers.ours_spec("paper/openvino")["name"] == "ours-paper-openvino"
     assert peers.ours_spec("tiny/ort/int8")["name"] == "ours-tiny-ort-int8"
     assert peers.ours_spec("tiny/openvino/int8")["precision"] == "int8"
+    assert peers.ours_spec("paper/openvino/bf16")["name"] == "ours-paper-openvino-bf16"
     for bad in ("huge", "paper/tensorrt", "paper/ort/fp16", "paper/ort/fp32/x", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             peers.ours_spec(bad)
