@@ -3,6 +3,7 @@
     flare22 benchmark --bundle BUNDLE [--sizes 100 200 400] [--out DIR]
     flare22 benchmark --config tiny|paper ...   # a random-weight bundle exported on the spot
     flare22 benchmark --quick                   # CI: tiny bundle, small phantoms, < 1 min
+    flare22 benchmark ... --runtimes ort:fp32 openvino:bf16 [--no-dense] [--warmup]   # runtimes, one run
 
 For every N, in one run and side by side: (a) the full pipeline (reference on k sampled
 slices, selection, propagation); (b) the dense baseline (the CPS pair on every slice, no
