@@ -34,7 +34,7 @@ from .labels import NUM_CLASSES
 from .propagation import PropagationConfig, PropagationEngine
 from .resize import resize_labels_nearest, resize_stack
 from .shapes import ShapeInterpolator
-from .windowing import DEFAULT_WINDOWS, window_slices
+from .windowing import DEFAULT_WINDOWS, model_slices
 
 
 def largest_area_slices(labels: np.ndarray) -> list[int]:
@@ -139,7 +139,7 @@ def fill_modes(
         refs = {t: resize_labels_nearest(annotations[t], hw).astype(np.uint8) for t in slices}
 
         def get(idx):
-            return resize_stack(window_slices(volume[np.asarray(idx)], windows), hw)
+            return model_slices(volume, idx, windows, hw)
 
         engine = PropagationEngine(backend, config or PropagationConfig(), num_organs=NUM_CLASSES - 1)
         weights = {t: np.ones(NUM_CLASSES - 1) for t in slices} if absent_votes else None

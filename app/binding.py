@@ -100,11 +100,9 @@ class DeviceContext:
         if key not in self._sessions:
             import onnxruntime as ort
 
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            if self.threads:
-                so.intra_op_num_threads, so.inter_op_num_threads = int(self.threads), 1
-            self._sessions[key] = ort.InferenceSession(model, so, providers=self.providers)
+            from .backends import ort_session_options  # backends imports this module: no cycle at load
+
+            self._sessions[key] = ort.InferenceSession(model, ort_session_options(self.threads), providers=self.providers)
         return self._sessions[key]
 
     def upload(self, array: np.ndarray) -> "DeviceArray":

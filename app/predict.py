@@ -41,7 +41,7 @@ from .outputs import OutputFolder, hidden_cases, plan_outputs
 from .propagation import PUBLISHED, PropagationConfig, PropagationEngine, normalised_entropy, organ_distribution
 from .resize import argmax_resized, resize_stack
 from .shapes import ShapeInterpolator
-from .windowing import window_slices
+from .windowing import model_slices
 
 log = logging.getLogger("flare22")
 
@@ -109,12 +109,6 @@ def resolve_settings(manifest: dict, mode: str | None, overrides: dict) -> tuple
         cfg = cfg.with_overrides(PUBLISHED)
     every, maximum = sampling.get("every", DEFAULT_SAMPLING["every"]), sampling.get("max", DEFAULT_SAMPLING["max"])
     return mode, {"every": int(every), "max": int(maximum)}, cfg
-
-
-def model_slices(volume: np.ndarray, idx, windows, hw: tuple[int, int]) -> np.ndarray:
-    """Slices ``idx`` of a canonical HU volume as the networks take them: windowed and resized
-    to the model input, (B, 3, H, W) float32 (the predictor, quantisation's calibration)."""
-    return resize_stack(window_slices(volume[np.asarray(idx)], windows), hw)
 
 
 def pair_labels(probs_fn, volume: np.ndarray, windows, hw: tuple[int, int], batch: int = 8):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .resize import resize_stack
+
 
 @dataclass(frozen=True)
 class Window:
@@ -58,3 +60,10 @@ def window_slices(hu: np.ndarray, windows=DEFAULT_WINDOWS, out: np.ndarray | Non
         out[:, c] -= lo
         out[:, c] *= 1.0 / (hi - lo)
     return out
+
+
+def model_slices(volume: np.ndarray, idx, windows, hw: tuple[int, int]) -> np.ndarray:
+    """Slices ``idx`` of a canonical HU volume as the networks take them: windowed and resized
+    to the model input, (B, 3, H, W) float32 (the predictor, the assist, training, quantisation's
+    calibration)."""
+    return resize_stack(window_slices(volume[np.asarray(idx)], windows), hw)

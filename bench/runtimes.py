@@ -46,8 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.argtypes import existing_dir, positive_int  # noqa: E402
 from app.backends import OvGraph, RuntimeMissing, graph_file, ort_session_options  # noqa: E402
 from app.bundle import Bundle, load_bundle  # noqa: E402
-from app.ctio import list_cases, read_ct  # noqa: E402
-from app.predict import model_slices  # noqa: E402
+from export.quantize import calibration_slices  # noqa: E402
 
 ORT_SETTINGS = {"ort": {}, "ort-basic": {"optimization": "basic"}, "ort-nospin": {"spinning": False},
                 "ort-noarena": {"cpu_arena": False, "mem_pattern": False}}
@@ -133,16 +132,9 @@ def make_variant(variant: str, bundle: Bundle, name: str, threads: int):
 
 
 def parity_slices(folders, bundle: Bundle, per_volume: int) -> tuple[np.ndarray, np.ndarray]:
-    images, positions = [], []
-    for folder in folders:
-        folder = Path(folder)
-        for path in list_cases(folder / "images" if (folder / "images").is_dir() else folder):
-            volume, _ = read_ct(path)
-            n = volume.shape[0]
-            z = np.unique(np.linspace(0, n - 1, min(per_volume, n)).round().astype(int))
-            images.append(model_slices(volume, z, bundle.windows, bundle.input_size))
-            positions.append((z / n).astype(np.float32))
-    return np.concatenate(images), np.concatenate(positions)
+    """The parity inputs: slices taken as ``flare22 quantize`` takes its calibration slices."""
+    images, positions, _ = calibration_slices(folders, bundle, per_volume)
+    return images, positions
 
 
 def sample_feed(bundle: Bundle, name: str, batch: int, rng, images=None, positions=None) -> dict:

@@ -5,7 +5,7 @@
 
 Calibration: ``--slices`` axial slices from every CT of each ``--calibration`` folder (its
 ``images/`` subfolder when it has one; ``*_0000.nii.gz`` / ``.nii`` / ``.mha``), evenly spaced,
-windowed and resized exactly as the appliance feeds them (``app.predict.model_slices``), at
+windowed and resized exactly as the appliance feeds them (``app.windowing.model_slices``), at
 their relative position z / N. Every other one of them calibrates, the rest check parity.
 
 Quantisation: QDQ format, per-channel symmetric int8 weights, uint8 activations with min-max
@@ -37,7 +37,7 @@ from app.argtypes import existing_dir, positive_int, probability
 from app.bundle import Bundle, load_bundle, sha256_file
 from app.ctio import list_cases, read_ct
 from app.errors import Flare22Error
-from app.predict import model_slices
+from app.windowing import model_slices
 
 log = logging.getLogger("flare22.quantize")
 IMAGE_GRAPHS = ("reference", "stcn_key")  # graphs whose inputs are CT slices (calibratable from CTs)

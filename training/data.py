@@ -24,8 +24,8 @@ from scipy import ndimage
 from app.ctio import case_name, check_same_grid, list_cases, read_ct
 from app.errors import InputError
 from app.labels import NUM_CLASSES
-from app.resize import resize_labels_nearest, resize_stack
-from app.windowing import DEFAULT_WINDOWS, window_slices
+from app.resize import resize_labels_nearest
+from app.windowing import DEFAULT_WINDOWS, model_slices
 
 # Organs on few slices (the paper's main limitation): slices holding one are oversampled.
 SMALL_ORGANS = (4, 7, 8, 9, 10, 12)
@@ -112,7 +112,7 @@ def load_folder(root, *, labelled: bool, cache_dir=None) -> list[Volume]:
 def slice_inputs(vol: Volume, z: np.ndarray, size: int, windows=DEFAULT_WINDOWS) -> tuple[np.ndarray, np.ndarray]:
     """Windowed, resized slices (B, 3, size, size) and positions z / N (B,)."""
     z = np.asarray(z)
-    img = resize_stack(window_slices(np.asarray(vol.image[z]), windows), (size, size))
+    img = model_slices(vol.image, z, windows, (size, size))
     return img.astype(np.float32), (z / vol.image.shape[0]).astype(np.float32)
 
 
